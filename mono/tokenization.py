@@ -1,0 +1,122 @@
+"""Tokenizer loading and the nine Mono-InternVL special tokens.
+
+The release appends `<img> </img> <IMG_CONTEXT> <quad> </quad> <ref> </ref> <box> </box>` to the InternLM2
+vocabulary in that order (SPEC §4). The model routes positions whose id is `<IMG_CONTEXT>` to the visual
+expert, so each of these must be a single, never-split token with an id inside the embedding table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+__all__ = ["SPECIAL_TOKENS", "add_special_tokens", "check_tokenizer", "load_tokenizer"]
+
+SPECIAL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+def _has_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
+    # get_vocab() covers both the base vocabulary and added tokens; convert_tokens_to_ids alone cannot tell
+    # a missing token from one that maps to unk (it returns unk_token_id, or None without an unk token).
+    return token in tokenizer.get_vocab()
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Add the missing Mono-InternVL special tokens to `tokenizer` in SPEC order; return those added.
+
+    Tokens are registered as special (extra) tokens: they are never split, get consecutive ids after the
+    current vocabulary, and are dropped by `decode(..., skip_special_tokens=True)`. Tokens already present
+    keep their ids. Remember to resize the model's embeddings if the returned list is not empty.
+    """
+    missing = [token for token in SPECIAL_TOKENS if not _has_token(tokenizer, token)]
+    if not missing:
+        return []
+    # transformers 5 renamed the list key and its flag ("additional_*" -> "extra_*"); pick what this version
+    # takes so the existing special tokens are extended, not replaced.
+    params = inspect.signature(tokenizer.add_special_tokens).parameters
+    if "replace_extra_special_tokens" in params:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    else:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
+        )
+    still_missing = [token for token in missing if not _has_token(tokenizer, token)]
+    if still_missing:
+        raise ValueError(
+            f"{type(tokenizer).__name__} refused to add the special tokens {still_missing}; "
+            "add them to the tokenizer files (added_tokens.json) by hand"
+        )
+    return missing
+
+
+def load_tokenizer(
+    path: Union[str, os.PathLike],
+    add_missing_special_tokens: bool = True,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local folder or a local `.gguf` file, never from the network.
+
+    With `add_missing_special_tokens` (default) the nine Mono-InternVL tokens are added when absent.
+    `trust_remote_code` is passed through for checkpoints whose tokenizer class lives in the folder (the
+    release's InternLM2 tokenizer).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: `path` is a file other than a `.gguf` file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path '{path}' does not exist; pass a checkpoint folder or a .gguf file")
+    if path.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    elif path.suffix.lower() == ".gguf":
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    else:
+        raise ValueError(
+            f"tokenizer path '{path}' is a file but not a .gguf file; pass the folder holding the tokenizer files"
+        )
+    if add_missing_special_tokens:
+        add_special_tokens(tokenizer)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: Optional[int] = None) -> None:
+    """Check that every Mono-InternVL special token is a single usable token.
+
+    Each of the nine tokens must be in the vocabulary, map to an id other than the unk id, encode to its own
+    id (not be split into pieces) and, when `vocab_size` (the model's embedding rows) is given, have an id
+    below it.
+
+    Raises:
+        ValueError: naming the first offending token and what to do.
+    """
+    vocab = tokenizer.get_vocab()
+    unk_id = tokenizer.unk_token_id
+    for token in SPECIAL_TOKENS:
+        if token not in vocab:
+            raise ValueError(
+                f"special token {token!r} is missing from the tokenizer; call add_special_tokens(tokenizer)"
+            )
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (unk_id is not None and token_id == unk_id):
+            raise ValueError(f"special token {token!r} maps to the unk id {unk_id}; re-add it as a special token")
+        # A token present in the vocab but not registered as an added token would be split by the
+        # pre-tokenizer, and its positions would silently miss the visual expert.
+        if token_id not in tokenizer.encode(token, add_special_tokens=False):
+            raise ValueError(
+                f"special token {token!r} (id {token_id}) is split when encoded; register it as an added "
+                "special token"
+            )
+        if vocab_size is not None and token_id >= vocab_size:
+            raise ValueError(
+                f"special token {token!r} has id {token_id} but the model has only {vocab_size} embedding rows; "
+                "resize the model's token embeddings to len(tokenizer)"
+            )
