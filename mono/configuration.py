@@ -41,14 +41,15 @@ class _FieldPreservingConfig(PreTrainedConfig):
         dtype = extra.pop("dtype", None)
         torch_dtype = extra.pop("torch_dtype", None)
         name_or_path = extra.pop("_name_or_path", None)
+        loaded_from = extra.pop("name_or_path", None)  # passed by AutoConfig; not part of the file
         # Only `dtype` goes through transformers' own init; it is re-emitted under the release key.
         super().__init__(dtype=dtype if dtype is not None else torch_dtype)
         self._extra_fields = {k: copy.deepcopy(v) for k, v in extra.items() if k != "transformers_version"}
         # Kept as read (even null); configs we create record the transformers version that wrote them.
         self._source_transformers_version = extra.get("transformers_version", _transformers_version)
         self._had_name_or_path = name_or_path is not None
-        if name_or_path is not None:
-            self._name_or_path = name_or_path
+        if name_or_path is not None or loaded_from is not None:
+            self._name_or_path = str(name_or_path if name_or_path is not None else loaded_from)
 
     def _typed_dict(self) -> dict[str, Any]:
         return {name: copy.deepcopy(getattr(self, name)) for name in self._typed_fields}
@@ -63,7 +64,7 @@ class _FieldPreservingConfig(PreTrainedConfig):
         elif "torch_dtype" not in out:
             out["torch_dtype"] = None
         if self._had_name_or_path:
-            out["_name_or_path"] = getattr(self, "_name_or_path", "")
+            out["_name_or_path"] = str(getattr(self, "_name_or_path", ""))
         out["transformers_version"] = self._source_transformers_version
         return out
 

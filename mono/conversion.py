@@ -143,12 +143,12 @@ def load_llm(source: Any) -> tuple[InternLM2Config, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a folder with config.json")
     with open(config_path, encoding="utf-8") as f:
         cfg = json.load(f)
-    state = _read_folder_state_dict(path)
     if cfg.get("model_type") == "internlm2":
         cfg = {**cfg, "architectures": [PLAIN_LLM_ARCHITECTURE]}
+        state = _read_folder_state_dict(path)
         return InternLM2Config(**cfg), {k: v for k, v in state.items() if "feed_forward_ve" not in k}
     if cfg.get("model_type") in _LLAMA_TYPES:
-        return llama_to_internlm2(state, cfg)
+        return llama_to_internlm2(_read_folder_state_dict(path), cfg)
     raise ValueError(
         f"{config_path}: model_type {cfg.get('model_type')!r} is not supported; from_llm reads InternLM2 and "
         f"Llama-family ({', '.join(_LLAMA_TYPES)}) decoders"

@@ -184,15 +184,32 @@ register_template(
 )
 
 
-def image_span(num_tiles: int, num_image_token: int) -> str:
-    """Token text for one image: `<img>` + `<IMG_CONTEXT>` x (num_image_token * num_tiles) + `</img>`."""
+def image_span(
+    num_tiles: int,
+    num_image_token: int,
+    *,
+    start: str = IMG_START_TOKEN,
+    end: str = IMG_END_TOKEN,
+    context: str = IMG_CONTEXT_TOKEN,
+) -> str:
+    """Token text for one image: `<img>` + `<IMG_CONTEXT>` x (num_image_token * num_tiles) + `</img>`.
+
+    `start`, `end`, `context` override the token strings (the release's chat() takes them as arguments).
+    """
     for name, value in (("num_tiles", num_tiles), ("num_image_token", num_image_token)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (int(num_image_token) * int(num_tiles)) + IMG_END_TOKEN
+    return start + context * (int(num_image_token) * int(num_tiles)) + end
 
 
-def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int) -> str:
+def expand_image_placeholders(
+    text: str,
+    num_patches_list: Sequence[int],
+    num_image_token: int,
+    start: str = IMG_START_TOKEN,
+    end: str = IMG_END_TOKEN,
+    context: str = IMG_CONTEXT_TOKEN,
+) -> str:
     """Replace each `<image>` in `text`, left to right, by the token span of the corresponding image.
 
     `num_patches_list[k]` is the number of tiles (thumbnail included) of image k. If `text` has no
@@ -216,5 +233,5 @@ def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_im
     pieces = text.split(IMAGE_PLACEHOLDER)
     out = [pieces[0]]
     for num_tiles, piece in zip(num_patches_list, pieces[1:]):
-        out += [image_span(num_tiles, num_image_token), piece]
+        out += [image_span(num_tiles, num_image_token, start=start, end=end, context=context), piece]
     return "".join(out)

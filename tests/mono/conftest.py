@@ -1,0 +1,48 @@
+"""Tiny model configs and a tiny word-level tokenizer, so model tests run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mono import MonoInternVL, MonoInternVLConfig
+
+IMG_CONTEXT_ID = 100
+
+
+def tiny_config(**llm_overrides) -> MonoInternVLConfig:
+    llm = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+    )
+    llm.update(llm_overrides)
+    return MonoInternVLConfig(
+        vision_config=dict(hidden_size=16, image_size=56, patch_size=14),
+        llm_config=llm,
+        force_image_size=56,
+        img_context_token_id=IMG_CONTEXT_ID,
+    )
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Norm weights start at 1; make them random so a mis-wired norm cannot pass unnoticed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("mlp1.0.weight"):
+                p.uniform_(0.5, 1.5)
+
+
+@pytest.fixture
+def tiny_model() -> MonoInternVL:
+    model = MonoInternVL(tiny_config()).eval()
+    randomize_norms(model)
+    return model
+
+
+def image_prompt(num_tiles: int, tokens_per_tile: int, prefix: int = 5, suffix: int = 6, seed: int = 0) -> torch.Tensor:
+    """``text <img> <IMG_CONTEXT> x n </img> text`` as ids (text ids < 96)."""
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randint(3, 96, (prefix,), generator=g)
+    post = torch.randint(3, 96, (suffix,), generator=g)
+    ctx = torch.full((num_tiles * tokens_per_tile,), IMG_CONTEXT_ID)
+    return torch.cat([pre, torch.tensor([98]), ctx, torch.tensor([99]), post])[None]

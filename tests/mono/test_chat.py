@@ -1,0 +1,126 @@
+"""chat() / batch_chat(): prompts, image spans, history, left padding, errors (tiny model, tiny tokenizer)."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from mono import MonoInternVL
+from mono.tokenization import add_special_tokens
+
+WORDS = "what is in the image a cat dog red blue hello world how are you fine thanks one two three".split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return fast
+
+
+@pytest.fixture
+def chat_model():
+    from .conftest import randomize_norms, tiny_config
+
+    tok = tiny_tokenizer()
+    add_special_tokens(tok)
+    config = tiny_config(vocab_size=len(tok))
+    config.img_context_token_id = None
+    model = MonoInternVL(config).eval()
+    randomize_norms(model)
+    return model, tok
+
+
+def _capture(model, monkeypatch):
+    seen = {}
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+GEN = dict(max_new_tokens=4, do_sample=False)
+
+
+def test_text_only_chat_uses_the_template_and_stop_tokens(chat_model, monkeypatch):
+    model, tok = chat_model
+    seen = _capture(model, monkeypatch)
+    answer = model.chat(tok, None, "hello how are you", GEN)
+    assert isinstance(answer, str)
+    text = tok.decode(seen["input_ids"][0]).replace(" ", "")
+    assert text.startswith("<s><|im_start|>system")
+    assert "<|im_start|>user" in text and text.rstrip().endswith("assistant")
+    assert seen["pixel_values"] is None
+    assert tok.convert_tokens_to_ids("<|im_end|>") in seen["eos_token_id"]
+
+
+def test_image_chat_expands_one_span_per_image(chat_model, monkeypatch):
+    model, tok = chat_model
+    seen = _capture(model, monkeypatch)
+    pixels = torch.randn(3, 3, 56, 56)
+    model.chat(tok, pixels, "what is in the image", GEN)
+    ids = seen["input_ids"][0]
+    ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert int((ids == ctx).sum()) == 3 * model.num_image_token
+    assert int((ids == tok.convert_tokens_to_ids("<img>")).sum()) == 1
+
+
+def test_two_images_with_placeholders(chat_model, monkeypatch):
+    model, tok = chat_model
+    seen = _capture(model, monkeypatch)
+    model.chat(tok, torch.randn(3, 3, 56, 56), "<image> a <image> b", GEN, num_patches_list=[1, 2])
+    ids = seen["input_ids"][0].tolist()
+    starts = [i for i, t in enumerate(ids) if t == tok.convert_tokens_to_ids("<img>")]
+    assert len(starts) == 2
+    assert ids[starts[1] - 1] != tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    with pytest.raises(ValueError, match="sums to 2 tiles"):
+        model.chat(tok, torch.randn(3, 3, 56, 56), "<image> a <image> b", GEN, num_patches_list=[1, 1])
+
+
+def test_multi_turn_history_is_rendered_in_order(chat_model, monkeypatch):
+    model, tok = chat_model
+    pixels = torch.randn(1, 3, 56, 56)
+    answer, history = model.chat(tok, pixels, "what is in the image", GEN, return_history=True)
+    assert history[0][1] == answer and history[0][0].startswith("<image>\n")
+    seen = _capture(model, monkeypatch)
+    _, history = model.chat(tok, pixels, "how are you", GEN, history=history, return_history=True)
+    assert len(history) == 2
+    ids = seen["input_ids"][0]
+    assert int((ids == tok.convert_tokens_to_ids("<img>")).sum()) == 1  # the image stays in the first turn
+    assert int((ids == tok.convert_tokens_to_ids("<|im_start|>")).sum()) == 5  # system, user, assistant x2
+
+
+def test_batch_chat_left_padding_matches_single_chats(chat_model):
+    model, tok = chat_model
+    pixels = torch.randn(3, 3, 56, 56)
+    questions = ["what is in the image", "hello", "how are you fine thanks one two three"]
+    counts = [2, 0, 1]
+    batch = model.batch_chat(tok, pixels, counts, questions, GEN)
+    singles = [
+        model.chat(tok, pixels[:2], questions[0], GEN),
+        model.chat(tok, None, questions[1], GEN),
+        model.chat(tok, pixels[2:], questions[2], GEN),
+    ]
+    assert batch == singles
+    with pytest.raises(ValueError, match="image_counts sum to 2"):
+        model.batch_chat(tok, pixels, [1, 1, 0], questions, GEN)
+
+
+def test_prompt_longer_than_the_context_is_an_error(chat_model):
+    model, tok = chat_model
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        model.chat(tok, None, "hello " * 300, GEN)
+
+
+def test_tokenizer_without_special_tokens_is_an_error(chat_model):
+    model, _ = chat_model
+    with pytest.raises(ValueError, match="load_tokenizer"):
+        model.chat(tiny_tokenizer(), None, "hello", GEN)
