@@ -57,10 +57,19 @@ def moe_ffn(
         raise ValueError(f"x_TD must be (T, D) with T = {routing.num_tokens} routed tokens, got {tuple(x_TD.shape)}")
     d = x_TD.shape[1]
     f = w1[0].shape[0]
-    for e in range(num_experts):
-        for name, w, shape in (("w1", w1[e], (f, d)), ("w3", w3[e], (f, d)), ("w2", w2[e], (d, f))):
-            if tuple(w.shape) != shape:
-                raise ValueError(f"{name}[{e}] has shape {tuple(w.shape)}, expected {shape}")
+    shapes_ok = all(
+        tuple(w1[e].shape) == (f, d) and tuple(w3[e].shape) == (f, d) and tuple(w2[e].shape) == (d, f)
+        for e in range(num_experts)
+    )
+    if not shapes_ok:
+        listing = "; ".join(
+            f"expert {e}: w1 {tuple(w1[e].shape)}, w3 {tuple(w3[e].shape)}, w2 {tuple(w2[e].shape)}"
+            for e in range(num_experts)
+        )
+        raise ValueError(f"expert weights must be w1, w3: (F, D) and w2: (D, F) with D = {d} and one F; got {listing}")
+    dtypes = {w.dtype for w in (*w1, *w3, *w2)}
+    if dtypes != {x_TD.dtype}:
+        raise ValueError(f"x_TD is {x_TD.dtype} but the expert weights are {sorted(map(str, dtypes))}; cast them to match")
     backend = select_backend(x_TD.device)
     if backend == "torch":
         return moe_ffn_torch(x_TD, routing, w1, w3, w2)

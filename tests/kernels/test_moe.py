@@ -279,8 +279,15 @@ def test_wrong_weight_shape_names_the_weight(which, e, shape):
     x, r, w1, w3, w2 = _valid()
     ws = {"w1": list(w1), "w3": list(w3), "w2": list(w2)}
     ws[which][e] = torch.randn(shape)
-    with pytest.raises(ValueError, match=rf"{which}\[{e}\] has shape"):
+    # the message lists every expert's shapes, so the odd one out is visible whichever weight it is
+    with pytest.raises(ValueError, match=rf"expert {e}: .*{which} \({shape[0]}, {shape[1]}\)"):
         kernels.moe_ffn(x, r, ws["w1"], ws["w3"], ws["w2"])
+
+
+def test_dtype_mismatch_is_an_error():
+    x, r, w1, w3, w2 = _valid()
+    with pytest.raises(ValueError, match="cast them to match"):
+        kernels.moe_ffn(x.double(), r, w1, w3, w2)
 
 
 @pytest.mark.parametrize("shape", [(6, 16), (5, 16, 1)], ids=["wrong_T", "3d"])
