@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -131,25 +131,6 @@ def build_attention_mask(
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
-def _routed_linear(x_TD: torch.Tensor, routing: kernels.Routing, weights: list[torch.Tensor]) -> torch.Tensor:
-    # Per-modality projection (visual attention experts): sorted rows, one matmul per expert.
-    xs = x_TD.index_select(0, routing.perm_T)
-    if routing.counts_host is None:
-        # The attention experts are an experiment: without host counts fall back to an exact blend.
-        ids = torch.zeros(x_TD.shape[0], dtype=torch.long, device=x_TD.device)
-        ids[routing.perm_T] = torch.repeat_interleave(
-            torch.arange(routing.num_experts, device=x_TD.device), routing.offsets_E1.diff(),
-            output_size=x_TD.shape[0],
-        )
-        out = torch.stack([F.linear(x_TD, w) for w in weights])
-        return out.gather(0, ids[None, :, None].expand(1, -1, out.shape[-1]))[0]
-    parts, start = [], 0
-    for e, count in enumerate(routing.counts_host):
-        parts.append(F.linear(xs.narrow(0, start, count), weights[e]))
-        start += count
-    return torch.cat(parts).index_select(0, routing.inv_perm_T)
-
-
 class InternLM2Attention(nn.Module):
     """GQA with one fused ``wqkv`` laid out per KV group: ``[q_{g*r} .. q_{g*r+r-1}, k_g, v_g]`` for each group g."""
 
@@ -186,7 +167,7 @@ class InternLM2Attention(nn.Module):
     ) -> torch.Tensor:
         b, l, d = x_BLD.shape
         if attention_ve is not None and route is not None:
-            qkv = _routed_linear(
+            qkv = kernels.routed_linear(
                 x_BLD.reshape(b * l, d), route.routing, [self.wqkv.weight, attention_ve.wqkv.weight]
             ).view(b, l, -1)
         else:
@@ -204,7 +185,7 @@ class InternLM2Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)
         if attention_ve is not None and route is not None:
-            return _routed_linear(out.reshape(b * l, -1), route.routing, [self.wo.weight, attention_ve.wo.weight]).view(
+            return kernels.routed_linear(out.reshape(b * l, -1), route.routing, [self.wo.weight, attention_ve.wo.weight]).view(
                 b, l, d
             )
         return self.wo(out)
@@ -353,6 +334,11 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         self.model = InternLM2Model(config)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # Release llm_configs carry legacy generation fields (max_length 20, top_k 50, ...) that transformers
+        # would turn into generation defaults; generation options belong to the call or generation_config.json.
+        self.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.tok_embeddings

@@ -9,12 +9,15 @@ import torch
 
 from .reference import moe_ffn_reference
 from .routing import Routing, build_routing
-from .torch_backend import moe_ffn_torch
+from .torch_backend import moe_ffn_torch, routed_linear_torch
 
 BACKEND_ENV = "MONO_MOE_BACKEND"
 BACKENDS = ("torch",)
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "Routing", "build_routing", "moe_ffn", "moe_ffn_reference", "select_backend"]
+__all__ = [
+    "BACKENDS", "BACKEND_ENV", "Routing", "build_routing", "moe_ffn", "moe_ffn_reference", "routed_linear",
+    "select_backend",
+]
 
 
 def select_backend(device: torch.device) -> str:
@@ -74,3 +77,24 @@ def moe_ffn(
     if backend == "torch":
         return moe_ffn_torch(x_TD, routing, w1, w3, w2)
     raise AssertionError(backend)  # select_backend only returns known names
+
+
+def routed_linear(x_TD: torch.Tensor, routing: Routing, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-modality projection: ``y[t] = weights[e(t)] @ x[t]`` (used by the visual attention experts).
+
+    Args:
+        x_TD: ``(T, D)`` activations in original token order.
+        routing: from :func:`build_routing`.
+        weights: one ``(N, D)`` weight per expert (``nn.Linear.weight`` layout), all the same shape and dtype.
+
+    Returns:
+        ``(T, N)``; each token is multiplied by its own expert's weight only. No host synchronisation.
+    """
+    if len(weights) != routing.num_experts:
+        raise ValueError(f"need one weight per expert ({routing.num_experts}); got {len(weights)}")
+    if x_TD.dim() != 2 or x_TD.shape[0] != routing.num_tokens:
+        raise ValueError(f"x_TD must be (T, D) with T = {routing.num_tokens} routed tokens, got {tuple(x_TD.shape)}")
+    shapes = {tuple(w.shape) for w in weights}
+    if len(shapes) != 1 or next(iter(shapes))[1] != x_TD.shape[1]:
+        raise ValueError(f"weights must all be (N, {x_TD.shape[1]}); got {[tuple(w.shape) for w in weights]}")
+    return routed_linear_torch(x_TD, routing, weights)

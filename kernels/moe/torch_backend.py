@@ -100,3 +100,24 @@ def moe_ffn_torch(
             "torch._grouped_mm, or host-side counts in Routing.counts_host"
         )
     return ys_TD.index_select(0, routing.inv_perm_T)
+
+
+def routed_linear_torch(x_TD: torch.Tensor, routing: Routing, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-expert linear map ``y[t] = W[e(t)] @ x[t]`` (no bias); see :func:`kernels.routed_linear`."""
+    xs_TD = x_TD.index_select(0, routing.perm_T)
+    if routing.counts_host is not None:
+        parts = []
+        start = 0
+        for e, count in enumerate(routing.counts_host):
+            parts.append(F.linear(xs_TD.narrow(0, start, count), weights[e]))
+            start += count
+        ys_TN = torch.cat(parts) if len(parts) > 1 else parts[0]
+    elif _grouped_mm_ok(x_TD, weights):
+        offs_E = routing.offsets_E1[1:].to(torch.int32)
+        ys_TN = _GroupedMM.apply(xs_TD, torch.stack(list(weights)).transpose(1, 2), offs_E)
+    else:
+        raise ValueError(
+            "routed_linear without Routing.counts_host needs in/out widths that are multiples of "
+            f"{16 // x_TD.element_size()} elements (got in {x_TD.shape[1]}, out {weights[0].shape[0]})"
+        )
+    return ys_TN.index_select(0, routing.inv_perm_T)

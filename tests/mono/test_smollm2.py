@@ -54,12 +54,17 @@ def smollm2(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def prompts(smollm2):
-    tokenizer, _ = smollm2
+def reference(smollm2):
+    """Inputs (each prompt alone, then all three left-padded) and the Llama logits for them, computed once."""
+    tokenizer, llama = smollm2
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": CHAT_QUESTION}], tokenize=False, add_generation_prompt=True
     )
-    return PROMPTS + [chat]
+    texts = PROMPTS + [chat]
+    cases = [_batch(tokenizer, [text]) for text in texts] + [_batch(tokenizer, texts)]
+    assert not bool(cases[-1]["attention_mask"].bool().all()), "prompts of different lengths must be left-padded"
+    with torch.no_grad():
+        return [(inputs, llama(**inputs).logits) for inputs in cases]
 
 
 @pytest.fixture(scope="module")
@@ -104,37 +109,32 @@ def _compare(reference: torch.Tensor, ours: torch.Tensor, valid: torch.Tensor) -
     return diff, ref.abs().max().item(), ref.shape[0]
 
 
-def _parity(tokenizer, llama, forward, prompts, vocab: int) -> dict[str, float]:
-    """Max |diff| of ``forward`` vs Llama logits (first ``vocab`` columns), per prompt and on a padded batch."""
-    single, magnitude, positions = 0.0, 0.0, 0
+def _parity(reference, forward, vocab: int) -> dict[str, float]:
+    """Max |diff| of ``forward`` vs the Llama logits (first ``vocab`` columns): single prompts, padded batch."""
+    diffs, magnitude, positions = [], 0.0, 0
     with torch.no_grad():
-        for text in prompts:
-            inputs = _batch(tokenizer, [text])
-            diff, mag, n = _compare(
-                llama(**inputs).logits, forward(inputs)[..., :vocab], torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-            )
-            single, magnitude, positions = max(single, diff), max(magnitude, mag), positions + n
-        batch = _batch(tokenizer, prompts)
-        valid = batch["attention_mask"].bool()
-        assert not bool(valid.all()), "the prompts should have different lengths so the batch is left-padded"
-        padded, mag, n = _compare(llama(**batch).logits, forward(batch)[..., :vocab], valid)
+        for inputs, logits in reference:
+            diff, mag, n = _compare(logits, forward(inputs)[..., :vocab], inputs["attention_mask"].bool())
+            diffs.append(diff)
+            magnitude, positions = max(magnitude, mag), positions + n
+    single, padded = max(diffs[:-1]), diffs[-1]
     for name, diff in (("single prompts", single), ("left-padded batch", padded)):
         assert diff <= LOGIT_ATOL, f"{name}: max |diff| {diff:.3g} > {LOGIT_ATOL} (logits up to {magnitude:.1f})"
-    return {"single": single, "padded": padded, "logit_abs_max": max(magnitude, mag), "positions": positions + n}
+    return {"single": single, "padded": padded, "logit_abs_max": magnitude, "positions": positions}
 
 
-def test_decoder_matches_llama(smollm2, prompts, parity_record):
+def test_decoder_matches_llama(smollm2, reference, parity_record):
     from mono.conversion import load_llm
     from mono.internlm2 import InternLM2ForCausalLM
 
-    tokenizer, llama = smollm2
+    _, llama = smollm2
     config, state = load_llm(llama)
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (30, 576, 9)
     assert (config.num_key_value_heads, config.vocab_size) == (3, 49152)
     decoder = InternLM2ForCausalLM(config)
     decoder.load_state_dict(state, strict=True)
     decoder.eval()
-    result = _parity(tokenizer, llama, lambda inputs: decoder(**inputs).logits, prompts, config.vocab_size)
+    result = _parity(reference, lambda inputs: decoder(**inputs).logits, config.vocab_size)
     parity_record(
         decoder_max_abs_diff_single=result["single"],
         decoder_max_abs_diff_padded_batch=result["padded"],
@@ -144,7 +144,7 @@ def test_decoder_matches_llama(smollm2, prompts, parity_record):
     )
 
 
-def test_mono_text_logits_match_llama(smollm2, mono_model, prompts, parity_record):
+def test_mono_text_logits_match_llama(smollm2, mono_model, reference, parity_record):
     tokenizer, llama = smollm2
     vocab = llama.config.vocab_size
     assert mono_model.config.llm_config.vocab_size == len(tokenizer) == vocab + 9  # special rows at the end
@@ -154,7 +154,7 @@ def test_mono_text_logits_match_llama(smollm2, mono_model, prompts, parity_recor
         assert out.visual_token_mask is None  # text-only: every token takes the text expert
         return out.logits
 
-    result = _parity(tokenizer, llama, forward, prompts, vocab)
+    result = _parity(reference, forward, vocab)
     parity_record(
         mono_max_abs_diff_single=result["single"],
         mono_max_abs_diff_padded_batch=result["padded"],
