@@ -63,6 +63,15 @@ class _GroupedMM(torch.autograd.Function):
         return da_TK, db_EKN, None
 
 
+def _per_expert_slices(xs_TD: torch.Tensor, counts: Sequence[int], fn) -> torch.Tensor:
+    """``cat([fn(e, rows of expert e) for e])`` over expert-sorted rows, with host-side counts."""
+    parts, start = [], 0
+    for e, count in enumerate(counts):
+        parts.append(fn(e, xs_TD.narrow(0, start, count)))
+        start += count
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def _grouped_mm_ok(x_TD: torch.Tensor, w1: Sequence[torch.Tensor]) -> bool:
     # torch._grouped_mm needs 16-byte aligned row strides on both operands.
     align = 16 // x_TD.element_size()
@@ -80,12 +89,7 @@ def moe_ffn_torch(
     """Routed SwiGLU FFN; see :func:`kernels.moe_ffn` for the contract."""
     xs_TD = x_TD.index_select(0, routing.perm_T)
     if routing.counts_host is not None:
-        parts = []
-        start = 0
-        for e, count in enumerate(routing.counts_host):
-            parts.append(_swiglu(xs_TD.narrow(0, start, count), w1[e], w3[e], w2[e]))
-            start += count
-        ys_TD = torch.cat(parts) if len(parts) > 1 else parts[0]
+        ys_TD = _per_expert_slices(xs_TD, routing.counts_host, lambda e, rows: _swiglu(rows, w1[e], w3[e], w2[e]))
     elif _grouped_mm_ok(x_TD, w1):
         offs_E = routing.offsets_E1[1:].to(torch.int32)
         w1_EDF = torch.stack(list(w1)).transpose(1, 2)
@@ -106,12 +110,7 @@ def routed_linear_torch(x_TD: torch.Tensor, routing: Routing, weights: Sequence[
     """Per-expert linear map ``y[t] = W[e(t)] @ x[t]`` (no bias); see :func:`kernels.routed_linear`."""
     xs_TD = x_TD.index_select(0, routing.perm_T)
     if routing.counts_host is not None:
-        parts = []
-        start = 0
-        for e, count in enumerate(routing.counts_host):
-            parts.append(F.linear(xs_TD.narrow(0, start, count), weights[e]))
-            start += count
-        ys_TN = torch.cat(parts) if len(parts) > 1 else parts[0]
+        ys_TN = _per_expert_slices(xs_TD, routing.counts_host, lambda e, rows: F.linear(rows, weights[e]))
     elif _grouped_mm_ok(x_TD, weights):
         offs_E = routing.offsets_E1[1:].to(torch.int32)
         ys_TN = _GroupedMM.apply(xs_TD, torch.stack(list(weights)).transpose(1, 2), offs_E)
