@@ -233,18 +233,25 @@ def mono_from_llm(
         img_context_token_id=img_context_token_id,
         system_message=system_message,
     )
-    torch.manual_seed(seed)
-    model = MonoInternVL(config)
+    # Built on the meta device: the decoder takes the LLM's tensors as they are (assign=True), and only the new
+    # vision parts are materialised and initialised (a full random init would be thrown away).
+    with torch.device("meta"):
+        model = MonoInternVL(config)
     decoder_state = {"language_model." + k: v for k, v in state.items()}
     for key in list(state):
         if ".feed_forward." in key:
             decoder_state["language_model." + key.replace(".feed_forward.", ".feed_forward_ve.")] = state[key].clone()
         if visual_attention_experts and ".attention.w" in key:
             decoder_state["language_model." + key.replace(".attention.", ".attention_ve.")] = state[key].clone()
-    missing, unexpected = model.load_state_dict(decoder_state, strict=False)
+    missing, unexpected = model.load_state_dict(decoder_state, strict=False, assign=True)
     not_new = [k for k in missing if not k.startswith(("vision_model.", "mlp1."))]
     if not_new or unexpected:
         raise ValueError(f"LLM weights do not fit the decoder: missing {not_new}, unexpected {unexpected}")
+    torch.manual_seed(seed)
+    for module in (model.vision_model, model.mlp1):
+        module.to_empty(device=state["model.tok_embeddings.weight"].device)
+        module.to(src_dtype)
+        module.apply(model._init_weights)
     model.to(dtype or src_dtype)
     return model
 

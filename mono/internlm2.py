@@ -258,8 +258,7 @@ class InternLM2Model(InternLM2PreTrainedModel):
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__(config)
-        pad = config.pad_token_id if config.pad_token_id is not None and 0 <= config.pad_token_id < config.vocab_size else None
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=_padding_idx(config))
         self.layers = nn.ModuleList(InternLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -306,6 +305,18 @@ class InternLM2Model(InternLM2PreTrainedModel):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, past_key_values, route)
         return self.norm(x), past_key_values
+
+
+def _padding_idx(config: InternLM2Config) -> int | None:
+    """The embedding's padding row (kept at zero, never trained), as the release sets it from ``pad_token_id``.
+
+    Not when the pad token is also an end token (SmolLM2 pads with ``<|im_end|>``): that row must train.
+    """
+    pad = config.pad_token_id
+    eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+    if pad is None or not 0 <= pad < config.vocab_size or pad in eos:
+        return None
+    return pad
 
 
 def max_context_length(config: InternLM2Config) -> int:

@@ -245,19 +245,20 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def _stop_ids(self, tokenizer) -> list[int]:
+        # Membership in the vocabulary, not "id != unk": some tokenizers (SmolLM2) use a stop token as unk.
         ids = []
-        unk = getattr(tokenizer, "unk_token_id", None)
+        vocab = tokenizer.get_vocab()
         for tok in self._template().stop_tokens:
-            tid = tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != unk and tid not in ids:
+            tid = vocab.get(tok)
+            if tid is not None and tid not in ids:
                 ids.append(tid)
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
             ids.append(tokenizer.eos_token_id)
         return ids
 
     def _bind_tokenizer(self, tokenizer, img_context_token: str) -> None:
-        ctx = tokenizer.convert_tokens_to_ids(img_context_token)
-        if not isinstance(ctx, int) or ctx == getattr(tokenizer, "unk_token_id", None):
+        ctx = tokenizer.get_vocab().get(img_context_token)
+        if ctx is None:
             raise ValueError(
                 f"the tokenizer has no {img_context_token!r} token; load it with mono.tokenization.load_tokenizer, "
                 "which adds the nine special tokens"

@@ -102,3 +102,22 @@ def test_unsupported_source_is_a_clear_error(tmp_path):
         MonoInternVL.from_llm(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         MonoInternVL.from_llm(str(tmp_path / "missing"))
+
+
+def test_new_parts_are_materialised_and_seeded():
+    a = MonoInternVL.from_llm(_llama(), seed=3)
+    b = MonoInternVL.from_llm(_llama(), seed=3)
+    c = MonoInternVL.from_llm(_llama(), seed=4)
+    assert not any(p.is_meta for p in a.parameters())
+    assert all(torch.isfinite(p).all() for p in a.parameters())
+    pe = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(a.state_dict()[pe], b.state_dict()[pe])
+    assert not torch.equal(a.state_dict()[pe], c.state_dict()[pe])
+    assert torch.equal(a.state_dict()["mlp1.0.weight"], torch.ones(4 * 48))
+
+
+def test_pad_row_trains_when_pad_is_an_end_token():
+    from mono.internlm2 import _padding_idx
+
+    assert _padding_idx(InternLM2Config(pad_token_id=0, eos_token_id=2)) == 0  # the release: pad <unk> frozen
+    assert _padding_idx(InternLM2Config(pad_token_id=2, eos_token_id=2)) is None  # SmolLM2: pad == <|im_end|>

@@ -193,7 +193,9 @@ def test_mono_chat_image(smollm2, mono_model, parity_record):
 
     mono_model.generate = spy
     try:
-        answer = mono_model.chat(tokenizer, pixel_values, "What animal is in the image?", dict(max_new_tokens=8, do_sample=False))
+        answer = mono_model.chat(
+            tokenizer, pixel_values, "Describe this image.", dict(max_new_tokens=8, do_sample=False)
+        )
     finally:
         del mono_model.generate
     assert isinstance(answer, str)
