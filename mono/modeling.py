@@ -134,7 +134,8 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
             )
         feats = visual_features if visual_features is not None else self.extract_feature(pixel_values)
         if image_flags is not None:
-            # Dummy tiles of text-only samples (flag 0) are dropped, as the release does.
+            # Dummy tiles of text-only samples (flag 0) are dropped, as the release does. The flags are read on
+            # the host (data loaders build them there); the decoder layers themselves never sync.
             keep = image_flags.reshape(-1).to("cpu") == 1
             if not bool(keep.all()):
                 feats = feats[keep.nonzero().reshape(-1).to(feats.device)]
@@ -227,12 +228,12 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
     def _template(self):
         return get_template(self.config.template, system_message=self.system_message)
 
-    def _prompt(self, history, question, num_patches_list) -> str:
+    def _prompt(self, history: list[tuple[str, str]], question: str) -> str:
         turns: list[tuple[str, str]] = []
         for old_q, old_a in history:
             turns += [("user", old_q), ("assistant", old_a)]
         turns.append(("user", question))
-        return self._template().render(turns), turns
+        return self._template().render(turns)
 
     def _tokenize_prompts(self, tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
         side = getattr(tokenizer, "padding_side", "right")
@@ -313,7 +314,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
                 history[0] = (prefix + history[0][0], history[0][1])
             else:
                 question = prefix + question
-        prompt, _ = self._prompt(history, question, num_patches_list)
+        prompt = self._prompt(history, question)
         prompt = expand_image_placeholders(
             prompt, num_patches_list, self.num_image_token, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN
         )
@@ -359,7 +360,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
             patches = [count] if count else []
             if patches and IMAGE_PLACEHOLDER not in question:
                 question = IMAGE_PLACEHOLDER + "\n" + question
-            prompt, _ = self._prompt([], question, patches)
+            prompt = self._prompt([], question)
             prompts.append(
                 expand_image_placeholders(
                     prompt, patches, self.num_image_token, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN
