@@ -124,3 +124,13 @@ def test_visual_attention_experts_off_by_default_and_routed_when_on():
             layer.attention_ve.wqkv.weight.normal_()
     assert torch.equal(model(input_ids=ids).logits, text_before)
     assert not torch.allclose(model(**inputs).logits, img_before)
+
+
+def test_beam_search_with_images_matches_single_prompt_runs(tiny_model):
+    # Beam search repeats every model input per beam; the routing mask must follow, or rows would mix.
+    ids = [image_prompt(2, 4, seed=0), image_prompt(1, 4, seed=1, suffix=10)]
+    pixels = [torch.randn(2, 3, 56, 56), torch.randn(1, 3, 56, 56)]
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
+    both = tiny_model.generate(pixel_values=torch.cat(pixels), input_ids=torch.cat(ids), **kw)
+    for i in range(2):
+        assert torch.equal(both[i], tiny_model.generate(pixel_values=pixels[i], input_ids=ids[i], **kw)[0])
