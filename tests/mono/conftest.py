@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 from mono import MonoInternVL, MonoInternVLConfig
+from mono.tokenization import add_special_tokens
 
 IMG_CONTEXT_ID = 100
 
@@ -46,3 +49,28 @@ def image_prompt(num_tiles: int, tokens_per_tile: int, prefix: int = 5, suffix: 
     post = torch.randint(3, 96, (suffix,), generator=g)
     ctx = torch.full((num_tiles * tokens_per_tile,), IMG_CONTEXT_ID)
     return torch.cat([pre, torch.tensor([98]), ctx, torch.tensor([99]), post])[None]
+
+
+WORDS = "what is in the image a cat dog red blue hello world how are you fine thanks one two three".split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return fast
+
+
+def tiny_chat_model() -> tuple[MonoInternVL, PreTrainedTokenizerFast]:
+    """A tiny model whose vocabulary is the tiny tokenizer's plus the nine special tokens."""
+    tok = tiny_tokenizer()
+    add_special_tokens(tok)
+    config = tiny_config(vocab_size=len(tok))
+    config.img_context_token_id = None
+    model = MonoInternVL(config).eval()
+    randomize_norms(model)
+    return model, tok

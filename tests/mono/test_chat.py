@@ -2,37 +2,12 @@
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
-from mono import MonoInternVL
-from mono.tokenization import add_special_tokens
-
-WORDS = "what is in the image a cat dog red blue hello world how are you fine thanks one two three".split()
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    return fast
-
+from .conftest import tiny_chat_model, tiny_tokenizer
 
 @pytest.fixture
 def chat_model():
-    from .conftest import randomize_norms, tiny_config
-
-    tok = tiny_tokenizer()
-    add_special_tokens(tok)
-    config = tiny_config(vocab_size=len(tok))
-    config.img_context_token_id = None
-    model = MonoInternVL(config).eval()
-    randomize_norms(model)
-    return model, tok
+    return tiny_chat_model()
 
 
 def _capture(model, monkeypatch):

@@ -6,22 +6,13 @@ import sys
 import pytest
 from PIL import Image
 
-from mono import MonoInternVL
-from mono.tokenization import add_special_tokens
-
-from .conftest import randomize_norms, tiny_config
-from .test_chat import tiny_tokenizer
+from .conftest import tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_chat")
-    tok = tiny_tokenizer()
-    add_special_tokens(tok)
-    config = tiny_config(vocab_size=len(tok))
-    config.img_context_token_id = None
-    model = MonoInternVL(config).eval()
-    randomize_norms(model)
+    model, tok = tiny_chat_model()
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     Image.new("RGB", (120, 60), (200, 30, 30)).save(folder / "red.png")

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mono import InternLM2Config, InternLM2ForCausalLM, MonoInternVL
 
-from .test_chat import tiny_tokenizer
+from .conftest import tiny_tokenizer
 
 
 def _llama(tied=True):
