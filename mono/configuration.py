@@ -229,6 +229,10 @@ class InternLM2Config(_FieldPreservingConfig):
             )
         if self.hidden_act != "silu":
             raise ValueError(f"llm_config.hidden_act must be 'silu' (SwiGLU experts), got {self.hidden_act!r}")
+        if self.visual_attention_experts and self.bias:
+            raise ValueError(
+                "llm_config.visual_attention_experts needs bias: false (the routed projections carry no bias)"
+            )
         if self.head_dim % 2:
             raise ValueError(f"llm_config head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.rope_scaling is not None:
@@ -287,6 +291,10 @@ class MonoInternVLConfig(_FieldPreservingConfig):
     ) -> None:
         kwargs.pop("model_type", None)
         kwargs.pop("architectures", None)  # always written as the release's InternVLChatModel
+        # The outer check first: its message explains more than the nested config's would.
+        if isinstance(llm_config, dict) and llm_config.get("architectures"):
+            if llm_config["architectures"][0] not in SUPPORTED_LLM_ARCHITECTURES:
+                raise ValueError(_unsupported_llm_message(llm_config["architectures"]))
         # Sub-configs first: transformers' init-time validators already ask for the text config.
         self.vision_config = _as_config(vision_config, PatchEmbedConfig, "vision_config")
         self.llm_config = _as_config(llm_config, InternLM2Config, "llm_config")
@@ -320,11 +328,7 @@ class MonoInternVLConfig(_FieldPreservingConfig):
 
     def _validate(self) -> None:
         if self.llm_config.architectures[0] not in SUPPORTED_LLM_ARCHITECTURES:
-            raise ValueError(
-                f"llm_config.architectures is {self.llm_config.architectures!r}; a Mono-InternVL checkpoint needs "
-                f"{list(SUPPORTED_LLM_ARCHITECTURES)!r} (other InternVL checkpoints use a vision transformer, "
-                "which this package does not implement)"
-            )
+            raise ValueError(_unsupported_llm_message(self.llm_config.architectures))
         if self.ps_version not in ("v1", "v2"):
             raise ValueError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}")
         ratio_inv = 1.0 / self.downsample_ratio
@@ -352,6 +356,14 @@ class MonoInternVLConfig(_FieldPreservingConfig):
         if self.system_message is not None:
             out["system_message"] = self.system_message
         return out
+
+
+def _unsupported_llm_message(architectures: Any) -> str:
+    return (
+        f"llm_config.architectures is {architectures!r}; a Mono-InternVL checkpoint needs "
+        f"{list(SUPPORTED_LLM_ARCHITECTURES)!r} (other InternVL checkpoints use a vision transformer, "
+        "which this package does not implement)"
+    )
 
 
 def _as_config(value: Any, cls: type[_FieldPreservingConfig], name: str) -> Any:

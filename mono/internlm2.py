@@ -62,14 +62,14 @@ class ModalityRouting:
 
 
 def rope_inv_freq(config: InternLM2Config, seq_len: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and position scale for a forward whose (padded, cache-inclusive) length is ``seq_len``.
+    """Inverse frequencies and the linear position divisor (1.0 unless ``linear``) for a forward whose (padded, cache-inclusive) length is ``seq_len``.
 
     ``dynamic`` NTK rescales the base only when ``seq_len > max_position_embeddings``, from that length, as the
     release does (it measures the padded batch length including the cache). ``linear`` divides positions.
     """
     dim = config.head_dim
     base = float(config.rope_theta)
-    scale = 1.0
+    factor_linear = 1.0
     scaling = config.rope_scaling
     if scaling is not None:
         kind = scaling.get("type", scaling.get("rope_type"))
@@ -77,19 +77,19 @@ def rope_inv_freq(config: InternLM2Config, seq_len: int, device: torch.device) -
         if kind == "dynamic" and seq_len > config.max_position_embeddings:
             base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
         elif kind == "linear":
-            scale = 1.0 / factor
+            factor_linear = factor
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim))
-    return inv_freq, scale
+    return inv_freq, factor_linear
 
 
 def rope_cos_sin(
     config: InternLM2Config, position_ids_BL: torch.Tensor, seq_len: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of shape ``(B, 1, L, Dh)`` in ``dtype`` (rotate-half layout: both halves repeat)."""
-    inv_freq, scale = rope_inv_freq(config, seq_len, position_ids_BL.device)
+    inv_freq, factor = rope_inv_freq(config, seq_len, position_ids_BL.device)
     pos = position_ids_BL.float()
-    if scale != 1.0:
-        pos = pos * scale
+    if factor != 1.0:
+        pos = pos / factor  # divided, not multiplied by 1/factor: the release's rounding
     freqs = pos[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -110,11 +110,15 @@ def build_attention_mask(
     """Boolean ``(B, 1, L, S)`` mask (True = may attend), or None when plain causal attention suffices.
 
     ``attention_mask`` is the usual 2-D ``(B, S)`` 0/1 padding mask over cached + new positions, or an
-    already-built 4-D boolean mask (used as is). Query rows that may attend to nothing (left padding) are
+    already-built 4-D mask: boolean (True = attend) or additive float (0 = attend). Query rows that may attend to nothing (left padding) are
     opened to all keys so SDPA returns finite values; those positions are padding and never read.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.to(torch.bool)
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        if attention_mask.is_floating_point():
+            return attention_mask == 0  # additive mask (0 = attend, large negative = masked)
+        raise ValueError(f"a 4-D attention_mask must be bool or additive float, got {attention_mask.dtype}")
     num_keys = num_past + num_new
     if attention_mask is None and (num_past == 0 or num_new == 1):
         return None  # plain causal (SDPA's is_causal) or a single query that sees every key
@@ -278,6 +282,7 @@ class InternLM2Model(InternLM2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         visual_token_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        num_visual_tokens: int | None = None,
     ) -> tuple[torch.Tensor, Cache | None]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -301,7 +306,11 @@ class InternLM2Model(InternLM2PreTrainedModel):
         mask = build_attention_mask(attention_mask, l, num_past, x.device)
         route = None
         if visual_token_mask is not None and self.config.has_visual_experts:
-            route = ModalityRouting(kernels.build_routing(visual_token_mask.reshape(-1).to(torch.bool), 2))
+            # Host-side counts (when the caller has them) let the kernels slice per expert without a device sync.
+            counts = None
+            if num_visual_tokens is not None:
+                counts = (visual_token_mask.numel() - num_visual_tokens, num_visual_tokens)
+            route = ModalityRouting(kernels.build_routing(visual_token_mask.reshape(-1).to(torch.bool), 2, counts_host=counts))
         for layer in self.layers:
             x = layer(x, cos, sin, mask, past_key_values, route)
         return self.norm(x), past_key_values
@@ -373,6 +382,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         visual_token_mask: torch.Tensor | None = None,
+        num_visual_tokens: int | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -385,6 +395,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             visual_token_mask=visual_token_mask,
             use_cache=use_cache,
+            num_visual_tokens=num_visual_tokens,
         )
         logits = self.output(hidden).float()
         loss = causal_lm_loss(logits, labels) if labels is not None else None
@@ -409,6 +420,9 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
             else:
                 inputs["input_ids"] = input_ids
             inputs["visual_token_mask"] = visual_token_mask
+            if visual_token_mask is not None:
+                # Counted once, at prefill, on the mask as generate() expanded it (beams, num_return_sequences).
+                inputs["num_visual_tokens"] = int(visual_token_mask.sum())
         else:
             inputs["input_ids"] = input_ids[:, -1:]
         return inputs

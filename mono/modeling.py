@@ -114,11 +114,12 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         image_flags: torch.Tensor | None,
         visual_features: torch.Tensor | None = None,
         decoding: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with ``<IMG_CONTEXT>`` rows replaced by visual tokens, and the ``(B, L)`` visual mask."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Token embeddings with ``<IMG_CONTEXT>`` rows replaced by visual tokens, the ``(B, L)`` visual mask
+        and the number of visual tokens (a host int: the routed layers slice by it without a device sync)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         if decoding:
-            return embeds, None  # generated tokens always take the text expert
+            return embeds, None, 0  # generated tokens always take the text expert
         ctx_id = self.img_context_token_id
         if pixel_values is None and visual_features is None:
             if ctx_id is not None and bool((input_ids == ctx_id).any()):
@@ -126,7 +127,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
                     f"input_ids contain {int((input_ids == ctx_id).sum())} <IMG_CONTEXT> tokens (id {ctx_id}) but no "
                     "pixel_values were given; pass the image tiles or remove the image spans"
                 )
-            return embeds, None
+            return embeds, None, 0
         if ctx_id is None:
             raise ValueError(
                 "img_context_token_id is not set: set config.img_context_token_id (or call chat(), which reads it "
@@ -149,7 +150,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
                 f"{self.num_image_token} context tokens per tile"
             )
         embeds = embeds.masked_scatter(mask[..., None], feats.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-        return embeds, mask
+        return embeds, mask, num_slots
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(
@@ -173,7 +174,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("input_ids is required")
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0 and pixel_values is None
-        embeds, mask = self._embed(input_ids, pixel_values, image_flags, decoding=decoding)
+        embeds, mask, num_visual = self._embed(input_ids, pixel_values, image_flags, decoding=decoding)
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -181,6 +182,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             use_cache=use_cache if use_cache is not None else False,
             visual_token_mask=mask,
+            num_visual_tokens=num_visual if mask is not None else None,
         )
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         return MonoInternVLOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values, visual_token_mask=mask)
@@ -204,7 +206,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
-        embeds, mask = self._embed(input_ids, pixel_values, None, visual_features)
+        embeds, mask, _ = self._embed(input_ids, pixel_values, None, visual_features)
         limit = max_context_length(self.config.llm_config)
         if input_ids.shape[1] > limit:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's context of {limit} tokens")
@@ -215,7 +217,8 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             visual_token_mask=mask,
-            generation_config=generation_config,
+            # The checkpoint's generation_config.json (model.generation_config) unless the caller passes one.
+            generation_config=generation_config if generation_config is not None else self.generation_config,
             use_cache=True,
             **generate_kwargs,
         )
@@ -228,12 +231,30 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
     def _template(self):
         return get_template(self.config.template, system_message=self.system_message)
 
-    def _prompt(self, history: list[tuple[str, str]], question: str) -> str:
+    def _render(
+        self, history: list[tuple[str, str]], question: str, num_patches_list: list[int], tokens: tuple[str, str, str]
+    ) -> str:
+        """The full prompt; ``<image>`` placeholders are expanded inside user turns only, images taken in order."""
         turns: list[tuple[str, str]] = []
         for old_q, old_a in history:
             turns += [("user", old_q), ("assistant", old_a)]
         turns.append(("user", question))
-        return self._template().render(turns)
+        found = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")
+        if found != len(num_patches_list):
+            raise ValueError(
+                f"the conversation's user turns hold {found} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                f"{len(num_patches_list)} image(s) were given (tiles per image: {num_patches_list}); pass the same "
+                "pixel_values on every turn of an image conversation"
+            )
+        remaining = list(num_patches_list)
+        expanded = []
+        for role, text in turns:
+            k = text.count(IMAGE_PLACEHOLDER) if role == "user" else 0
+            if k:
+                text = expand_image_placeholders(text, remaining[:k], self.num_image_token, *tokens)
+                remaining = remaining[k:]
+            expanded.append((role, text))
+        return self._template().render(expanded)
 
     def _tokenize_prompts(self, tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
         side = getattr(tokenizer, "padding_side", "right")
@@ -314,10 +335,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
                 history[0] = (prefix + history[0][0], history[0][1])
             else:
                 question = prefix + question
-        prompt = self._prompt(history, question)
-        prompt = expand_image_placeholders(
-            prompt, num_patches_list, self.num_image_token, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN
-        )
+        prompt = self._render(history, question, num_patches_list, (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN))
         inputs = self._tokenize_prompts(tokenizer, [prompt])
         gen = dict(generation_config)
         gen["eos_token_id"] = self._stop_ids(tokenizer)
@@ -333,21 +351,28 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         self,
         tokenizer,
         pixel_values: torch.Tensor | None,
-        image_counts: list[int] | None,
-        questions: list[str],
-        generation_config: dict[str, Any],
+        image_counts: list[int] | None = None,
+        questions: list[str] | None = None,
+        generation_config: dict[str, Any] | None = None,
         history: None = None,
         return_history: bool = False,
         IMG_START_TOKEN: str = "<img>",
         IMG_END_TOKEN: str = "</img>",
         IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",
+        num_patches_list: list[int] | None = None,
     ) -> list[str]:
         """Independent single-turn questions in one left-padded batch (release signature).
 
-        ``image_counts[i]`` is the number of tiles of question ``i``'s image in ``pixel_values`` (0 = text only).
+        ``image_counts[i]`` is the number of tiles of question ``i``'s image in ``pixel_values`` (0 = text only);
+        ``num_patches_list`` is accepted as the InternVL2-style keyword for the same list.
         """
         if history is not None or return_history:
             raise ValueError("batch_chat answers single-turn questions; use chat() for multi-turn conversations")
+        if image_counts is not None and num_patches_list is not None:
+            raise ValueError("pass image_counts or num_patches_list, not both")
+        image_counts = image_counts if image_counts is not None else num_patches_list
+        if questions is None or generation_config is None:
+            raise ValueError("batch_chat needs questions and generation_config")
         self._bind_tokenizer(tokenizer, IMG_CONTEXT_TOKEN)
         image_counts = list(image_counts) if image_counts is not None else [0] * len(questions)
         if len(image_counts) != len(questions):
@@ -360,12 +385,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
             patches = [count] if count else []
             if patches and IMAGE_PLACEHOLDER not in question:
                 question = IMAGE_PLACEHOLDER + "\n" + question
-            prompt = self._prompt([], question)
-            prompts.append(
-                expand_image_placeholders(
-                    prompt, patches, self.num_image_token, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN
-                )
-            )
+            prompts.append(self._render([], question, patches, (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)))
         inputs = self._tokenize_prompts(tokenizer, prompts)
         gen = dict(generation_config)
         gen["eos_token_id"] = self._stop_ids(tokenizer)

@@ -49,7 +49,9 @@ def moe_ffn(
 
     Returns:
         ``(T, D)`` in ``x_TD``'s dtype and token order. Differentiable in ``x_TD`` and in every expert weight
-        that requires grad; frozen experts get no weight-gradient work. No host synchronisation.
+        that requires grad; frozen experts get no weight-gradient work on the slice path. No ``.item()`` or
+        boolean-mask indexing here; with ``routing.counts_host`` unset on an accelerator the grouped GEMM is
+        sync-free only where torch has a native one (bf16, sm90/sm100), see ``kernels/README.md``.
     """
     num_experts = routing.num_experts
     if not (len(w1) == len(w3) == len(w2) == num_experts):

@@ -99,3 +99,34 @@ def test_tokenizer_without_special_tokens_is_an_error(chat_model):
     model, _ = chat_model
     with pytest.raises(ValueError, match="load_tokenizer"):
         model.chat(tiny_tokenizer(), None, "hello", GEN)
+
+
+def test_batch_chat_accepts_num_patches_list_keyword(chat_model):
+    model, tok = chat_model
+    pixels = torch.randn(2, 3, 56, 56)
+    a = model.batch_chat(tok, pixels, [2, 0], ["what is in the image", "hello"], GEN)
+    b = model.batch_chat(tok, pixels, questions=["what is in the image", "hello"], generation_config=GEN, num_patches_list=[2, 0])
+    assert a == b
+
+
+def test_placeholder_text_in_an_answer_is_not_an_image(chat_model, monkeypatch):
+    model, tok = chat_model
+    pixels = torch.randn(1, 3, 56, 56)
+    history = [("<image>\nwhat is in the image", "a cat <image> red")]
+    seen = _capture(model, monkeypatch)
+    model.chat(tok, pixels, "how are you", GEN, history=history)
+    assert int((seen["input_ids"][0] == tok.convert_tokens_to_ids("<img>")).sum()) == 1
+
+
+def test_image_conversation_without_pixels_says_what_to_do(chat_model):
+    model, tok = chat_model
+    history = [("<image>\nwhat is in the image", "a cat")]
+    with pytest.raises(ValueError, match="pass the same pixel_values on every turn"):
+        model.chat(tok, None, "how are you", GEN, history=history)
+
+
+def test_generate_uses_the_checkpoint_generation_config(chat_model):
+    model, _ = chat_model
+    model.generation_config.max_new_tokens = 3
+    ids = torch.randint(9, 20, (1, 5))
+    assert model.generate(input_ids=ids, eos_token_id=None).shape == (1, 3)

@@ -79,3 +79,18 @@ def test_bad_outer_fields_name_the_key():
         MonoInternVLConfig(ps_version="v3")
     with pytest.raises(ValueError, match="min_dynamic_patch"):
         MonoInternVLConfig(min_dynamic_patch=4, max_dynamic_patch=2)
+
+
+def test_non_mono_checkpoint_gets_the_outer_explanation(tmp_path):
+    import json as _json
+
+    (tmp_path / "config.json").write_text(
+        _json.dumps({"model_type": "internvl_chat", "llm_config": {"architectures": ["Qwen2ForCausalLM"]}})
+    )
+    with pytest.raises(ValueError, match="vision transformer"):
+        MonoInternVLConfig.from_pretrained(tmp_path)
+
+
+def test_visual_attention_experts_refuse_biases():
+    with pytest.raises(ValueError, match="bias"):
+        InternLM2Config(visual_attention_experts=True, bias=True)

@@ -107,17 +107,28 @@ def test_dynamic_ntk_past_max_positions_uses_the_padded_length():
         model(input_ids=torch.randint(3, 64, (1, 33)))
 
 
-def test_linear_rope_scaling_divides_positions():
-    model = _lm(rope_scaling={"type": "linear", "factor": 4.0})
-    plain = _lm()
-    plain.load_state_dict(model.state_dict())
+def test_linear_rope_scaling_divides_positions_as_the_release():
+    # factor 3: dividing and multiplying by 1/3 round differently; the release builds t / factor.
+    model = _lm(rope_scaling={"type": "linear", "factor": 3.0}, max_position_embeddings=4096)
     from mono.internlm2 import rope_cos_sin
 
-    pos = torch.arange(12)[None]
-    c1, s1 = rope_cos_sin(model.config, pos, 12, torch.float32)
-    c2, s2 = rope_cos_sin(plain.config, pos.float() / 4.0, 12, torch.float32)
-    torch.testing.assert_close(c1, c2)
-    torch.testing.assert_close(s1, s2)
+    pos = torch.arange(4096)[None]
+    cos, sin = rope_cos_sin(model.config, pos, 4096, torch.float32)
+    hd = model.config.head_dim
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+    freqs = torch.outer(torch.arange(4096).float() / 3.0, inv)
+    emb = torch.cat([freqs, freqs], -1)
+    assert torch.equal(cos[0, 0], emb.cos()) and torch.equal(sin[0, 0], emb.sin())
+
+
+def test_4d_masks_bool_and_additive_agree():
+    model = _lm()
+    ids = torch.randint(3, 64, (2, 8))
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()[None, None].expand(2, 1, 8, 8)
+    additive = torch.zeros(2, 1, 8, 8).masked_fill(~causal, torch.finfo(torch.float32).min)
+    plain = model(input_ids=ids).logits
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=causal).logits, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=additive).logits, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_left_padded_batch_equals_unpadded_single_runs():

@@ -54,16 +54,38 @@ def test_text_tokens_never_run_the_visual_expert():
 
 
 def test_decode_tokens_take_the_text_expert(tiny_model):
+    # Prefill with clean weights, then poison the visual experts: a decode step must give the same logits, since
+    # generated tokens never run the visual expert (they only attend to the cached image keys and values).
     inputs = _inputs(tiny_model)
-    tokens = tiny_model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    step_ids = torch.tensor([[7]])
+    cache = tiny_model(**inputs, use_cache=True).past_key_values
+    clean = tiny_model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits
+    cache = tiny_model(**inputs, use_cache=True).past_key_values
     with torch.no_grad():
         for layer in tiny_model.language_model.model.layers:
             layer.feed_forward_ve.w1.weight.fill_(float("nan"))
-    # Prefill is now NaN-poisoned at image rows, but decode steps must not route through the visual expert:
-    # check directly that a decode step with a cache runs without a routing mask.
-    out = tiny_model(**inputs, use_cache=True)
-    step = tiny_model(input_ids=tokens[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    step = tiny_model(input_ids=step_ids, past_key_values=cache, use_cache=True)
     assert step.visual_token_mask is None
+    assert torch.equal(step.logits, clean)
+
+
+def test_model_passes_host_counts_so_layers_slice_without_sync(tiny_model, monkeypatch):
+    import kernels
+
+    seen = []
+    real = kernels.build_routing
+
+    def spy(ids, num_experts=2, *, counts_host=None):
+        seen.append(counts_host)
+        return real(ids, num_experts, counts_host=counts_host)
+
+    monkeypatch.setattr(kernels, "build_routing", spy)
+    inputs = _inputs(tiny_model, tiles=2)
+    tiny_model(**inputs)
+    total = inputs["input_ids"].numel()
+    assert seen == [(total - 8, 8)]
+    tiny_model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False, eos_token_id=None)
+    assert seen[-1] == (2 * (total - 8), 16)  # counted on the beam-expanded mask
 
 
 def test_generated_image_context_id_is_text_during_decode(tiny_model):
