@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .configuration import InternLM2Config, MonoInternVLConfig
 from .internlm2 import InternLM2PreTrainedModel, InternLM2VEForCausalLM, causal_lm_loss, max_context_length
 from .templates import IMAGE_PLACEHOLDER, expand_image_placeholders, get_template
+from .tokenization import left_padded
 from .vision import PatchEmbeddings, PatchEmbedModel, build_projector, pixel_shuffle
 
 
@@ -257,14 +258,8 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         return self._template().render(expanded)
 
     def _tokenize_prompts(self, tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-        side = getattr(tokenizer, "padding_side", "right")
-        tokenizer.padding_side = "left"
-        try:
-            batch = tokenizer(prompts, return_tensors="pt", padding=len(prompts) > 1)
-        finally:
-            tokenizer.padding_side = side
         device = self.get_input_embeddings().weight.device
-        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        return {k: v.to(device) for k, v in left_padded(tokenizer, prompts).items()}
 
     def _stop_ids(self, tokenizer) -> list[int]:
         # Membership in the vocabulary, not "id != unk": some tokenizers (SmolLM2) use a stop token as unk.

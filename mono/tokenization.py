@@ -120,3 +120,24 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: Optional[int
                 f"special token {token!r} has id {token_id} but the model has only {vocab_size} embedding rows; "
                 "resize the model's token embeddings to len(tokenizer)"
             )
+
+
+def left_padded(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict:
+    """Tokenize ``texts`` into one left-padded batch (``input_ids``, ``attention_mask`` tensors).
+
+    The tokenizer is left as it was: the padding side is restored, and a tokenizer without a pad token pads with
+    its end-of-sequence token for this call only (padded positions are masked, so the id never matters).
+    """
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None and len(texts) > 1:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad a batch with")
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
+    finally:
+        tokenizer.padding_side = side
+        if pad is None and len(texts) > 1:
+            tokenizer.pad_token = None
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

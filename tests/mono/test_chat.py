@@ -130,3 +130,11 @@ def test_generate_uses_the_checkpoint_generation_config(chat_model):
     model.generation_config.max_new_tokens = 3
     ids = torch.randint(9, 20, (1, 5))
     assert model.generate(input_ids=ids, eos_token_id=None).shape == (1, 3)
+
+
+def test_batch_chat_with_a_tokenizer_without_pad_token(chat_model):
+    model, tok = chat_model
+    expected = model.batch_chat(tok, None, [0, 0], ["hello", "how are you fine"], GEN)
+    tok.pad_token = None
+    assert model.batch_chat(tok, None, [0, 0], ["hello", "how are you fine"], GEN) == expected
+    assert tok.pad_token is None  # the caller's tokenizer is left as it was

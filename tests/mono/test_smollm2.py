@@ -91,13 +91,9 @@ def mono_model(smollm2):
 
 
 def _batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    from mono.tokenization import left_padded
+
+    return left_padded(tokenizer, texts)
 
 
 def _compare(reference: torch.Tensor, ours: torch.Tensor, valid: torch.Tensor) -> tuple[float, float, int]:
