@@ -207,10 +207,10 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
-        embeds, mask, _ = self._embed(input_ids, pixel_values, None, visual_features)
         limit = max_context_length(self.config.llm_config)
-        if input_ids.shape[1] > limit:
+        if input_ids.shape[1] > limit:  # before any vision work
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's context of {limit} tokens")
+        embeds, mask, _ = self._embed(input_ids, pixel_values, None, visual_features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("pad_token_id", self._pad_token_id())
