@@ -77,7 +77,7 @@ def main() -> int:
         c = counts(xml_path)
         if rc not in (0, 5):  # 5 = no tests collected
             failed = True
-        summary.append((tier, c, elapsed, f"exit {rc}"))
+        summary.append((tier, c, elapsed, "no tests in this tier yet" if rc == 5 else f"exit {rc}"))
     print("\n=== summary")
     tot = {"passed": 0, "failed": 0, "skipped": 0}
     for tier, c, elapsed, note in summary:
@@ -93,6 +93,13 @@ def main() -> int:
     if failed and tot["failed"] == 0:
         tot["failed"] = 1  # a tier crashed without a junit report: never report green
     print(f"total: {tot['passed']} passed, {tot['failed']} failed, {tot['skipped']} skipped")
+    # The same totals in pytest's closing-line format, for tools that read the last line of a test run.
+    total_time = sum(elapsed for _, _, elapsed, _ in summary)
+    parts = [f"{tot['failed']} failed"] if tot["failed"] else []
+    parts.append(f"{tot['passed']} passed")
+    if tot["skipped"]:
+        parts.append(f"{tot['skipped']} skipped")
+    print(f"{'=' * 20} {', '.join(parts)} in {total_time:.2f}s {'=' * 20}")
     return 1 if failed else 0
 
 

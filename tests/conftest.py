@@ -47,12 +47,19 @@ def smollm2_gguf() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    # The interpret tier needs TRITON_INTERPRET=1 in the environment before triton is imported, so it runs in
+    # its own process (scripts/run_tests.py --tiers interpret); elsewhere those tests are skipped, not failed.
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    skips = {
+        "gpu": None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA"),
+        "interpret": None if interpreting else pytest.mark.skip(
+            reason="needs TRITON_INTERPRET=1 before triton is imported: python scripts/run_tests.py --tiers interpret"
+        ),
+    }
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,22 +12,33 @@ from .routing import Routing, build_routing
 from .torch_backend import moe_ffn_torch, routed_linear_torch
 
 BACKEND_ENV = "MONO_MOE_BACKEND"
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton", "megablocks")
 
 __all__ = [
-    "BACKENDS", "BACKEND_ENV", "Routing", "build_routing", "moe_ffn", "moe_ffn_reference", "routed_linear",
-    "select_backend",
+    "BACKENDS", "BACKEND_ENV", "BackendUnavailable", "Routing", "build_routing", "moe_ffn", "moe_ffn_reference",
+    "routed_linear", "select_backend",
 ]
 
 
-def select_backend(device: torch.device) -> str:
-    """The backend :func:`moe_ffn` uses on ``device``: ``$MONO_MOE_BACKEND`` when set, else the default."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced and forced != "auto":
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; choose one of {('auto',) + BACKENDS}")
-        return forced
-    return "torch"
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run here (not installed, or not on this device); the message says why."""
+
+
+def select_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """The backend :func:`moe_ffn` uses on ``device``.
+
+    ``backend`` (an argument) wins, then ``$MONO_MOE_BACKEND``; unset or ``"auto"`` picks ``triton`` for CUDA
+    tensors and ``torch`` otherwise. An unknown name raises ``ValueError``; whether a named backend can
+    actually run is checked when it is called (:class:`BackendUnavailable`), never silently replaced.
+    """
+    device = torch.device(device)
+    for source, value in (("backend", backend), (BACKEND_ENV, os.environ.get(BACKEND_ENV))):
+        name = (value or "").strip().lower()
+        if name and name != "auto":
+            if name not in BACKENDS:
+                raise ValueError(f"{source}={value!r} is not a backend; choose one of {('auto',) + BACKENDS}")
+            return name
+    return "triton" if device.type == "cuda" else "torch"
 
 
 def moe_ffn(
@@ -36,6 +47,8 @@ def moe_ffn(
     w1: Sequence[torch.Tensor],
     w3: Sequence[torch.Tensor],
     w2: Sequence[torch.Tensor],
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Routed SwiGLU FFN: token ``t`` goes through expert ``e(t)`` only.
 
@@ -46,12 +59,18 @@ def moe_ffn(
         routing: from :func:`build_routing`, built once per step and shared by all layers.
         w1, w3: per-expert ``(F, D)`` gate and up projections (``nn.Linear.weight`` layout), one tensor per expert.
         w2: per-expert ``(D, F)`` down projections.
+        backend: ``"torch"``, ``"triton"``, ``"megablocks"`` or ``None``/``"auto"`` (see :func:`select_backend`).
 
     Returns:
         ``(T, D)`` in ``x_TD``'s dtype and token order. Differentiable in ``x_TD`` and in every expert weight
-        that requires grad; frozen experts get no weight-gradient work on the slice path. No ``.item()`` or
-        boolean-mask indexing here; with ``routing.counts_host`` unset on an accelerator the grouped GEMM is
-        sync-free only where torch has a native one (bf16, sm90/sm100), see ``kernels/README.md``.
+        that requires grad; a frozen expert's weights get no gradient work (triton backend, torch slice path).
+        An expert with no tokens gets exact zero weight gradients. The triton backend never synchronises with
+        the host; see ``kernels/README.md`` for the other backends.
+
+    Raises:
+        ValueError: shapes, dtypes or expert counts that do not fit together (the message lists them).
+        BackendUnavailable: the chosen backend cannot run here (e.g. triton on CPU without TRITON_INTERPRET=1,
+            megablocks not installed).
     """
     num_experts = routing.num_experts
     if not (len(w1) == len(w3) == len(w2) == num_experts):
@@ -75,10 +94,24 @@ def moe_ffn(
     dtypes = {w.dtype for w in (*w1, *w3, *w2)}
     if dtypes != {x_TD.dtype}:
         raise ValueError(f"x_TD is {x_TD.dtype} but the expert weights are {sorted(map(str, dtypes))}; cast them to match")
-    backend = select_backend(x_TD.device)
-    if backend == "torch":
+    name = select_backend(x_TD.device, backend)
+    if name == "torch":
         return moe_ffn_torch(x_TD, routing, w1, w3, w2)
-    raise AssertionError(backend)  # select_backend only returns known names
+    if name == "triton":
+        from .triton_backend import moe_ffn_triton, triton_unavailable_reason
+
+        reason = triton_unavailable_reason(x_TD.device)
+        if reason is not None:
+            raise BackendUnavailable(reason)
+        return moe_ffn_triton(x_TD, routing, w1, w3, w2)
+    if name == "megablocks":
+        from .megablocks_backend import megablocks_unavailable_reason, moe_ffn_megablocks
+
+        reason = megablocks_unavailable_reason(x_TD.device)
+        if reason is not None:
+            raise BackendUnavailable(reason)
+        return moe_ffn_megablocks(x_TD, routing, w1, w3, w2)
+    raise AssertionError(name)  # select_backend only returns known names
 
 
 def routed_linear(x_TD: torch.Tensor, routing: Routing, weights: Sequence[torch.Tensor]) -> torch.Tensor:

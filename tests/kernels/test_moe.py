@@ -8,7 +8,6 @@ uses ``torch._grouped_mm`` with the device offsets (needs D, F multiples of 16 /
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import pytest
 import torch
@@ -16,12 +15,9 @@ import torch
 import kernels
 from kernels.moe.torch_backend import _GroupedMM
 
+from .moe_cases import BF16_REL_TOL, CASES, FP32_TOL, leaves, make_inputs, reference, run_fwd_bwd
+
 PATHS = ("slices", "grouped")
-# fp32 backend vs fp32 reference: same math, different summation order (grouped GEMM, slices).
-FP32_TOL = dict(rtol=1e-5, atol=1e-5)
-# bf16 backend (bf16 matmuls, bf16 intermediates) vs the fp32 reference on the same bf16-rounded inputs:
-# relative Frobenius error ||got - ref|| / ||ref||.
-BF16_REL_TOL = 2e-2
 
 
 def _routing(ids_T: torch.Tensor, num_experts: int, path: str) -> kernels.Routing:
@@ -29,54 +25,9 @@ def _routing(ids_T: torch.Tensor, num_experts: int, path: str) -> kernels.Routin
     return routing if path == "slices" else dataclasses.replace(routing, counts_host=None)
 
 
-def _case_ids(T: int, E: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    if kind == "all_text":
-        return torch.zeros(T, dtype=torch.long)
-    if kind == "all_visual":
-        return torch.full((T,), E - 1, dtype=torch.long)
-    if kind == "empty_expert0":
-        return torch.randint(1, E, (T,), generator=gen)
-    return torch.randint(0, E, (T,), generator=gen)
-
-
-def _inputs(case: str, T: int, D: int, F: int, E: int, kind: str, dtype=torch.float32):
-    """Fresh random inputs seeded by the case id: ids, x, and per-expert w1, w3, w2 (values of order 1)."""
-    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
-    ids_T = _case_ids(T, E, kind, gen)
-    x_TD = torch.randn(T, D, generator=gen).to(dtype)
-    w1 = [(torch.randn(F, D, generator=gen) / D**0.5).to(dtype) for _ in range(E)]
-    w3 = [(torch.randn(F, D, generator=gen) / D**0.5).to(dtype) for _ in range(E)]
-    w2 = [(torch.randn(D, F, generator=gen) / F**0.5).to(dtype) for _ in range(E)]
-    dy_TD = torch.randn(T, D, generator=gen)
-    return ids_T, x_TD, w1, w3, w2, dy_TD
-
-
-def _leaves(x_TD, w1, w3, w2, frozen=()):
-    """Detached copies that require grad, except the experts in ``frozen``."""
-    x = x_TD.detach().clone().requires_grad_(True)
-    ws = [[w.detach().clone().requires_grad_(e not in frozen) for e, w in enumerate(group)] for group in (w1, w3, w2)]
-    return x, *ws
-
-
-def _run(fn, x, w1, w3, w2, dy_TD):
-    """Forward with ``fn(x, w1, w3, w2)``, backward with ``dy_TD``; returns y and {name: grad}."""
-    y = fn(x, w1, w3, w2)
-    (y.float() * dy_TD).sum().backward()
-    grads = {"x": x.grad}
-    for name, group in (("w1", w1), ("w3", w3), ("w2", w2)):
-        for e, w in enumerate(group):
-            grads[f"{name}[{e}]"] = w.grad
-    return y, grads
-
-
-def _reference(ids_T, x_TD, w1, w3, w2, dy_TD, frozen=()):
-    leaves = _leaves(x_TD.float(), *([w.float() for w in ws] for ws in (w1, w3, w2)), frozen=frozen)
-    return _run(lambda x, a, b, c: kernels.moe_ffn_reference(x, ids_T, a, b, c), *leaves, dy_TD)
-
-
 def _backend(ids_T, x_TD, w1, w3, w2, dy_TD, num_experts, path, frozen=()):
     routing = _routing(ids_T, num_experts, path)
-    return _run(lambda x, a, b, c: kernels.moe_ffn(x, routing, a, b, c), *_leaves(x_TD, w1, w3, w2, frozen), dy_TD)
+    return run_fwd_bwd(lambda x, a, b, c: kernels.moe_ffn(x, routing, a, b, c), *leaves(x_TD, w1, w3, w2, frozen), dy_TD)
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -139,18 +90,6 @@ def test_routing_num_experts_validated():
 
 # --------------------------------------------------------------------------------------------- moe_ffn vs reference
 
-# name: (T, D, F, E, kind). D and F are multiples of 16 unless a case says otherwise.
-CASES = {
-    "T1": (1, 16, 32, 2, "random"),
-    "T7_below_tile": (7, 32, 48, 2, "random"),
-    "odd_D33_F47": (13, 33, 47, 2, "random"),
-    "all_text": (20, 32, 64, 2, "all_text"),
-    "all_visual": (20, 32, 64, 2, "all_visual"),
-    "empty_expert0": (9, 16, 32, 2, "empty_expert0"),
-    "random_split": (64, 48, 80, 2, "random"),
-    "three_experts": (40, 32, 48, 3, "random"),
-    "T0": (0, 16, 32, 2, "random"),
-}
 FP32_PARAMS = [
     pytest.param(case, path, id=f"{case}-{path}")
     for case in CASES
@@ -162,8 +101,8 @@ FP32_PARAMS = [
 @pytest.mark.parametrize("case,path", FP32_PARAMS)
 def test_moe_ffn_matches_reference_fp32(case, path):
     T, D, F, E, kind = CASES[case]
-    ids_T, x_TD, w1, w3, w2, dy_TD = _inputs(case, T, D, F, E, kind)
-    y_ref, g_ref = _reference(ids_T, x_TD, w1, w3, w2, dy_TD)
+    ids_T, x_TD, w1, w3, w2, dy_TD = make_inputs(case, T, D, F, E, kind)
+    y_ref, g_ref = reference(ids_T, x_TD, w1, w3, w2, dy_TD)
     y, g = _backend(ids_T, x_TD, w1, w3, w2, dy_TD, E, path)
     assert y.dtype == torch.float32 and y.shape == (T, D)
     torch.testing.assert_close(y, y_ref, **FP32_TOL)
@@ -175,10 +114,10 @@ def test_moe_ffn_matches_reference_fp32(case, path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["T7_below_tile", "random_split", "all_visual"])
-def test_moe_ffn_bf16_close_to_fp32_reference(case, path):
+def test_moe_ffn_bf16_close_to_fp32reference(case, path):
     T, D, F, E, kind = CASES[case]
-    ids_T, x_TD, w1, w3, w2, dy_TD = _inputs(case, T, D, F, E, kind, dtype=torch.bfloat16)
-    y_ref, g_ref = _reference(ids_T, x_TD, w1, w3, w2, dy_TD)  # fp32 math on the bf16-rounded inputs
+    ids_T, x_TD, w1, w3, w2, dy_TD = make_inputs(case, T, D, F, E, kind, dtype=torch.bfloat16)
+    y_ref, g_ref = reference(ids_T, x_TD, w1, w3, w2, dy_TD)  # fp32 math on the bf16-rounded inputs
     y, g = _backend(ids_T, x_TD, w1, w3, w2, dy_TD, E, path)
     assert y.dtype == torch.bfloat16
     for name, got, ref in [("y", y, y_ref)] + [(n, g[n], r) for n, r in g_ref.items()]:
@@ -195,7 +134,7 @@ def test_moe_ffn_bf16_close_to_fp32_reference(case, path):
 def test_experts_never_read_each_others_rows(poisoned, path):
     """NaN in the rows of one expert leaves the other expert's outputs and weight grads finite and bit-equal."""
     T, D, F, E = 24, 32, 48, 2
-    ids_T, x_TD, w1, w3, w2, dy_TD = _inputs(f"poison{poisoned}", T, D, F, E, "random")
+    ids_T, x_TD, w1, w3, w2, dy_TD = make_inputs(f"poison{poisoned}", T, D, F, E, "random")
     clean = poisoned ^ 1
     rows_p, rows_c = ids_T == poisoned, ids_T == clean
     assert rows_p.any() and rows_c.any()
@@ -215,8 +154,8 @@ def test_experts_never_read_each_others_rows(poisoned, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_frozen_text_expert(path):
     T, D, F, E = 30, 32, 48, 2
-    ids_T, x_TD, w1, w3, w2, dy_TD = _inputs("frozen", T, D, F, E, "random")
-    y_ref, g_ref = _reference(ids_T, x_TD, w1, w3, w2, dy_TD)
+    ids_T, x_TD, w1, w3, w2, dy_TD = make_inputs("frozen", T, D, F, E, "random")
+    y_ref, g_ref = reference(ids_T, x_TD, w1, w3, w2, dy_TD)
     y, g = _backend(ids_T, x_TD, w1, w3, w2, dy_TD, E, path, frozen=(0,))
     torch.testing.assert_close(y, y_ref, **FP32_TOL)
     for name in ("w1[0]", "w3[0]", "w2[0]"):
@@ -230,7 +169,7 @@ def test_frozen_text_expert(path):
 def test_empty_expert_gets_exact_zero_weight_grads(empty, path):
     T, D, F, E = 11, 16, 32, 2
     ids_T = torch.full((T,), 1 - empty, dtype=torch.long)
-    _, x_TD, w1, w3, w2, dy_TD = _inputs(f"empty{empty}", T, D, F, E, "random")
+    _, x_TD, w1, w3, w2, dy_TD = make_inputs(f"empty{empty}", T, D, F, E, "random")
     # Leave NaN-filled blocks of the weight-grad size for the allocator to hand back, as a kernel that
     # allocates its output uninitialised and skips empty groups would return them.
     junk = [torch.full((E, D, F), float("nan")) for _ in range(4)]
@@ -260,7 +199,7 @@ def test_grouped_mm_backward_accepts_expanded_grad():
 
 def _valid(T=5, D=16, F=32, E=2):
     """x_TD, routing, w1, w3, w2 of a valid call."""
-    ids_T, x_TD, w1, w3, w2, _ = _inputs("valid", T, D, F, E, "random")
+    ids_T, x_TD, w1, w3, w2, _ = make_inputs("valid", T, D, F, E, "random")
     return x_TD, kernels.build_routing(ids_T, E), w1, w3, w2
 
 
@@ -328,7 +267,7 @@ def test_no_host_sync_on_meta(path):
 
 
 def test_backend_env(monkeypatch):
-    ids_T, x, w1, w3, w2, _ = _inputs("env", 5, 16, 32, 2, "random")
+    ids_T, x, w1, w3, w2, _ = make_inputs("env", 5, 16, 32, 2, "random")
     monkeypatch.setenv(kernels.BACKEND_ENV, "torch")
     assert kernels.select_backend(x.device) == "torch"
     y = kernels.moe_ffn(x, kernels.build_routing(ids_T), w1, w3, w2)
@@ -366,3 +305,60 @@ def test_routed_linear_rejects_mismatched_weights():
     routing = kernels.build_routing(torch.tensor([0, 1, 1]), 2)
     with pytest.raises(ValueError, match="weights must all be"):
         kernels.routed_linear(torch.randn(3, 8), routing, [torch.randn(4, 8), torch.randn(5, 8)])
+
+
+# --------------------------------------------------------------------------------------------- megablocks backend
+
+
+def test_megablocks_unavailable_says_why(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "grouped_gemm", None)  # "not installed", whatever this machine has
+    monkeypatch.setitem(sys.modules, "grouped_gemm.ops", None)
+    monkeypatch.setitem(sys.modules, "megablocks", None)
+    monkeypatch.setitem(sys.modules, "megablocks.grouped_gemm_util", None)
+    x, r, w1, w3, w2 = _valid()
+    with pytest.raises(kernels.BackendUnavailable, match="grouped_gemm"):
+        kernels.moe_ffn(x, r, w1, w3, w2, backend="megablocks")
+    monkeypatch.setenv(kernels.BACKEND_ENV, "megablocks")
+    with pytest.raises(kernels.BackendUnavailable, match="grouped_gemm"):
+        kernels.moe_ffn(x, r, w1, w3, w2)
+
+
+def _loop_gmm(a, b, batch_sizes, trans_b=False):
+    """Test double of ``grouped_gemm.ops.gmm`` with its documented contract: rows of ``a`` grouped by
+    ``batch_sizes`` (int64, on the CPU), ``b`` ``(E, K, N)`` or ``(E, N, K)`` with ``trans_b``."""
+    assert batch_sizes.dtype == torch.int64 and batch_sizes.device.type == "cpu"
+    assert a.shape[0] == int(batch_sizes.sum()) and b.dim() == 3 and b.shape[0] == batch_sizes.numel()
+    parts, start = [], 0
+    for e, size in enumerate(batch_sizes.tolist()):
+        rhs = b[e].t() if trans_b else b[e]
+        parts.append(a[start : start + size] @ rhs)
+        start += size
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("case", ["random_split", "empty_expert0", "all_visual"])
+def test_megablocks_backend_wiring(case, monkeypatch):
+    """Our calls into ``gmm`` (grouping, ``trans_b``, stacking, scatter back) against the reference, with a
+    loop standing in for the CUDA kernel (grouped_gemm cannot be built on the CPU machines)."""
+    import sys
+    import types
+
+    ops = types.SimpleNamespace(gmm=_loop_gmm)
+    monkeypatch.setitem(sys.modules, "grouped_gemm", types.SimpleNamespace(ops=ops))
+    monkeypatch.setitem(sys.modules, "grouped_gemm.ops", ops)
+    T, D, F, E, kind = CASES[case]
+    ids_T, x_TD, w1, w3, w2, dy_TD = make_inputs(case, T, D, F, E, kind)
+    routing = kernels.build_routing(ids_T, E)
+    y, g = run_fwd_bwd(
+        lambda x, a, b, c: kernels.moe_ffn(x, routing, a, b, c, backend="megablocks"),
+        *leaves(x_TD, w1, w3, w2, frozen=(0,)), dy_TD,
+    )
+    y_ref, g_ref = reference(ids_T, x_TD, w1, w3, w2, dy_TD, frozen=(0,))
+    torch.testing.assert_close(y, y_ref, **FP32_TOL)
+    for name, ref in g_ref.items():
+        if ref is None:
+            assert g[name] is None, name
+        else:
+            torch.testing.assert_close(g[name], ref, **FP32_TOL)

@@ -66,3 +66,30 @@ def test_bf16_image_prefill_tracks_fp32(release_ckpt, release_ref):
     assert torch.isfinite(out.logits).all()
     rel = (out.logits - ref).norm() / ref.norm()
     assert rel < 0.05, rel
+
+
+@pytest.mark.interpret
+def test_triton_backend_reproduces_release_and_torch_grads(release_ckpt, release_ref, monkeypatch):
+    """The whole model on the Triton kernels (interpreter, fp32): release logits, and the same gradients of
+    every routed-FFN weight as the torch backend (visual experts trainable, text experts frozen, as in S1.1)."""
+    inputs = dict(
+        pixel_values=release_ref["b_image__pixel_values"],
+        input_ids=release_ref["b_image__input_ids"],
+        attention_mask=release_ref["b_image__attention_mask"],
+        image_flags=release_ref["b_image__image_flags"],
+    )
+    grads = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("MONO_MOE_BACKEND", backend)
+        model = MonoInternVL.from_pretrained(release_ckpt).train(False)
+        for name, p in model.named_parameters():
+            p.requires_grad_("feed_forward_ve" in name or "mlp1" in name)
+        out = model(**inputs)
+        if backend == "triton":
+            diff = (out.logits.detach() - release_ref["b_image__logits"]).abs().max().item()
+            assert diff <= TOL, diff
+        out.logits.float().logsumexp(-1).sum().backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["triton"].keys() == grads["torch"].keys() and grads["torch"]
+    for name, ref in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][name], ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
