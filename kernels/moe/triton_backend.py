@@ -149,9 +149,27 @@ def _autotune_enabled(device: torch.device) -> bool:
 # Launchers
 
 
-def _ptr_table(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-    """int64 ``data_ptr`` table (0 for ``None``), copied to ``device`` without blocking the host."""
-    table = torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
+def _offset_table(tensors: Sequence[torch.Tensor | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(base, table, align)``: the first tensor, the int64 element offsets of every tensor from it (0 for
+    ``None``) on ``device`` (copied without blocking the host), and the largest power of two <= 16 dividing
+    all offsets (the kernels' alignment hint)."""
+    base = next(t for t in tensors if t is not None)
+    elsize = base.element_size()
+    offsets = []
+    for t in tensors:
+        delta = 0 if t is None else t.data_ptr() - base.data_ptr()
+        if delta % elsize:
+            raise ValueError("expert tensors must be aligned to their element size")
+        offsets.append(delta // elsize)
+    align = 16
+    while align > 1 and any(o % align for o in offsets):
+        align //= 2
+    return base, _int64_table(offsets, device), align
+
+
+def _int64_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor on ``device``, copied from pinned memory without blocking the host."""
+    table = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table.to(device)
@@ -195,16 +213,18 @@ def _gemm(
     for t in (c2, c3, aux1, aux2):
         if t is not None and t.stride() != (stride_cm, stride_cn):
             raise AssertionError(f"sorted outputs must share strides {(stride_cm, stride_cn)}, got {t.stride()}")
+    b_base, b_tab, b_align = _offset_table(b, device)
+    b2_base, b2_tab, b2_align = _offset_table(b if b2 is None else b2, device)
     args = (
         a, a if a2 is None else a2, rows,
-        _ptr_table(b, device), _ptr_table(b if b2 is None else b2, device), w0,
+        b_base, b_tab, b2_base, b2_tab,
         c, c if c2 is None else c2, c if c3 is None else c3,
         c if aux1 is None else aux1, c if aux2 is None else aux2,
         offsets, n, k, _bucket(num_rows),
         a.stride(0), a.stride(1), stride_bk, stride_bn, stride_cm, stride_cn,
     )
     flags = dict(
-        E=num_experts, MODE=mode, GATHER_A=gather_a, SCATTER_C=scatter_c, SAVE_PRE=save_pre,
+        E=num_experts, B_ALIGN=min(b_align, b2_align), MODE=mode, GATHER_A=gather_a, SCATTER_C=scatter_c, SAVE_PRE=save_pre,
         DOT_PRECISION=_dot_precision(a.dtype, device),
     )
 
@@ -223,15 +243,17 @@ def _wgrad(mode: int, *, p, q, rows, offsets, experts, outs, m, n, p2=None, q2=N
     device = p.device
     if not experts:
         return
-    like = next(o for o in outs if o is not None)
+    out_base, out_tab, out_align = _offset_table(outs, device)
+    out2_base, out2_tab, out2_align = _offset_table(outs if outs2 is None else outs2, device)
+    like = out_base
     args = (
         p, p if p2 is None else p2, q, q if q2 is None else q2, rows,
-        _ptr_table(outs, device), _ptr_table(outs if outs2 is None else outs2, device), like,
-        torch.tensor(experts, dtype=torch.int64).to(device), offsets,
+        out_base, out_tab, out2_base, out2_tab,
+        _int64_table(experts, device), offsets,
         m, n, _bucket(rows.numel()),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), like.stride(0), like.stride(1),
     )
-    flags = dict(MODE=mode, DOT_PRECISION=_dot_precision(p.dtype, device))
+    flags = dict(OUT_ALIGN=min(out_align, out2_align), MODE=mode, DOT_PRECISION=_dot_precision(p.dtype, device))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), len(experts))

@@ -9,7 +9,8 @@ the M axis of :func:`routed_gemm_kernel` is a list of row tiles in *tile space*:
 ``cdiv(count_e, BLOCK_M)`` tiles, so no tile straddles two experts and nothing is padded in memory. The grid is
 launched for the upper bound ``cdiv(T, BLOCK_M) + E - 1`` tiles; programs past the real number of tiles return
 at once, so an expert with no tokens has no tiles. Each expert's weights are separate tensors, reached through
-a table of base pointers (int64 ``data_ptr`` values) indexed by the tile's expert.
+a base pointer plus a table of int64 element offsets (``w_e.data_ptr() - w_0.data_ptr()``) indexed by the tile's
+expert.
 
 Gather and scatter are fused into the loads and stores: ``A`` rows are read through ``perm`` (``GATHER_A``) and
 ``C`` rows written to ``perm[row]`` (``SCATTER_C``), which is a permutation, so every output row is written
@@ -43,6 +44,14 @@ MODE_DUAL = 3
 WGRAD_DOWN = 0  # dW2: P = dy (gathered), Q = h recomputed from the saved pre-activations
 WGRAD_GATE_UP = 1  # dW1, dW3: P = dg, P2 = du (sorted), Q = x (gathered)
 
+# The same numbers as constexpr globals, the only kind of global a jitted function may read.
+_MODE_PLAIN = tl.constexpr(MODE_PLAIN)
+_MODE_GATE_UP = tl.constexpr(MODE_GATE_UP)
+_MODE_DSWIGLU = tl.constexpr(MODE_DSWIGLU)
+_MODE_DUAL = tl.constexpr(MODE_DUAL)
+_WGRAD_DOWN = tl.constexpr(WGRAD_DOWN)
+_WGRAD_GATE_UP = tl.constexpr(WGRAD_GATE_UP)
+
 
 @triton.jit
 def _tile_of(pid_m, offsets_ptr, E: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -64,15 +73,20 @@ def _tile_of(pid_m, offsets_ptr, E: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _expert_ptr(table_ptr, expert, like_ptr):
-    """Base pointer of ``expert``'s tensor from an int64 table of ``data_ptr`` values, typed as ``like_ptr``."""
-    return tl.load(table_ptr + expert).to(like_ptr.dtype)
+def _expert_ptr(base_ptr, offsets_tab, expert, ALIGN: tl.constexpr):
+    """``expert``'s tensor: ``base_ptr`` plus the expert's element offset from an int64 table.
+
+    The base is a real kernel argument, so the compiler knows its alignment; ``ALIGN`` (a power of two that
+    divides every offset, checked on the host) carries that knowledge over to the offset, which keeps the loads
+    vectorised and pipelined.
+    """
+    return base_ptr + tl.multiple_of(tl.load(offsets_tab + expert), ALIGN)
 
 
 @triton.jit
 def routed_gemm_kernel(
     a_ptr, a2_ptr, rows_ptr,
-    b_tab, b2_tab, b_like,
+    b_ptr, b_tab, b2_ptr, b2_tab,
     c_ptr, c2_ptr, c3_ptr,
     aux1_ptr, aux2_ptr,
     offsets_ptr,
@@ -81,6 +95,7 @@ def routed_gemm_kernel(
     stride_bk, stride_bn,
     stride_cm, stride_cn,
     E: tl.constexpr,
+    B_ALIGN: tl.constexpr,
     MODE: tl.constexpr,
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
@@ -94,7 +109,7 @@ def routed_gemm_kernel(
     """One ``BLOCK_M x BLOCK_N`` tile of ``C[rows of expert e] = A[rows] @ B_e`` (see the module docstring).
 
     ``A``/``A2``: ``(rows, K)`` with strides ``stride_am, stride_ak`` (rows through ``rows_ptr`` if ``GATHER_A``).
-    ``B_e``/``B2_e``: ``(K, N)`` with strides ``stride_bk, stride_bn``, base pointers in ``b_tab``/``b2_tab``.
+    ``B_e``/``B2_e``: ``(K, N)`` with strides ``stride_bk, stride_bn`` at ``b_ptr + b_tab[e]`` / ``b2_ptr + b2_tab[e]``.
     ``C``, ``C2``, ``C3``, ``aux1``, ``aux2``: ``(rows, N)`` with strides ``stride_cm, stride_cn``; ``C`` rows through
     ``rows_ptr`` if ``SCATTER_C``, the others always in sorted order.
     """
@@ -123,28 +138,28 @@ def routed_gemm_kernel(
     col_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    b_base = _expert_ptr(b_tab, expert, b_like)
+    b_base = _expert_ptr(b_ptr, b_tab, expert, B_ALIGN)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_base + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    if MODE == MODE_GATE_UP or MODE == MODE_DUAL:
-        b2_base = _expert_ptr(b2_tab, expert, b_like)
+    if MODE == _MODE_GATE_UP or MODE == _MODE_DUAL:
+        b2_base = _expert_ptr(b2_ptr, b2_tab, expert, B_ALIGN)
         b2_ptrs = b2_base + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    if MODE == MODE_DUAL:
+    if MODE == _MODE_DUAL:
         a2_ptrs = a2_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if MODE == MODE_GATE_UP:
+    if MODE == _MODE_GATE_UP:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if MODE == MODE_GATE_UP:
+        if MODE == _MODE_GATE_UP:
             b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
             b2_ptrs += BLOCK_K * stride_bk
-        if MODE == MODE_DUAL:
+        if MODE == _MODE_DUAL:
             a2 = tl.load(a2_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
@@ -160,7 +175,7 @@ def routed_gemm_kernel(
     else:
         c_offs = sorted_offs
     out_ty = c_ptr.dtype.element_ty
-    if MODE == MODE_GATE_UP:
+    if MODE == _MODE_GATE_UP:
         # Round the pre-activations once to the output dtype and use the rounded values, as the backward
         # will: the forward output is then the same with and without SAVE_PRE.
         acc = acc.to(out_ty).to(tl.float32)
@@ -170,7 +185,7 @@ def routed_gemm_kernel(
             tl.store(c3_ptr + sorted_offs, acc2.to(out_ty), mask=out_ok)
         h = acc * tl.sigmoid(acc) * acc2
         tl.store(c_ptr + c_offs, h.to(out_ty), mask=out_ok)
-    elif MODE == MODE_DSWIGLU:
+    elif MODE == _MODE_DSWIGLU:
         g = tl.load(aux1_ptr + sorted_offs, mask=out_ok, other=0.0).to(tl.float32)
         u = tl.load(aux2_ptr + sorted_offs, mask=out_ok, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
@@ -185,12 +200,13 @@ def routed_gemm_kernel(
 @triton.jit
 def routed_wgrad_kernel(
     p_ptr, p2_ptr, q_ptr, q2_ptr, rows_ptr,
-    out_tab, out2_tab, out_like,
+    out_ptr, out_tab, out2_ptr, out2_tab,
     experts_ptr, offsets_ptr,
     M, N, M_BUCKET,
     stride_pr, stride_pm,
     stride_qr, stride_qn,
     stride_om, stride_on,
+    OUT_ALIGN: tl.constexpr,
     MODE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -219,13 +235,13 @@ def routed_wgrad_kernel(
     in_ty = p_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if MODE == WGRAD_GATE_UP:
+    if MODE == _WGRAD_GATE_UP:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + offs_r
         r_ok = rows < end
         tokens = tl.load(rows_ptr + rows, mask=r_ok, other=0)
-        if MODE == WGRAD_DOWN:
+        if MODE == _WGRAD_DOWN:
             p_rows = tokens
             q_rows = rows
         else:
@@ -238,14 +254,14 @@ def routed_wgrad_kernel(
         )
         q_offs = q_rows[:, None] * stride_qr + offs_n[None, :] * stride_qn
         q_mask = r_ok[:, None] & n_ok[None, :]
-        if MODE == WGRAD_DOWN:
+        if MODE == _WGRAD_DOWN:
             g = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)
             u = tl.load(q2_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)
             q = (g * tl.sigmoid(g) * u).to(in_ty)  # h exactly as the forward rounded it
         else:
             q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
         acc = tl.dot(pt, q, acc, input_precision=DOT_PRECISION)
-        if MODE == WGRAD_GATE_UP:
+        if MODE == _WGRAD_GATE_UP:
             pt2 = tl.load(
                 p2_ptr + p_rows[None, :] * stride_pr + offs_m[:, None] * stride_pm,
                 mask=m_ok[:, None] & r_ok[None, :], other=0.0,
@@ -254,9 +270,9 @@ def routed_wgrad_kernel(
 
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_ok = m_ok[:, None] & n_ok[None, :]
-    out_base = _expert_ptr(out_tab, expert, out_like)
-    out_ty = out_like.dtype.element_ty
+    out_base = _expert_ptr(out_ptr, out_tab, expert, OUT_ALIGN)
+    out_ty = out_ptr.dtype.element_ty
     tl.store(out_base + out_offs, acc.to(out_ty), mask=out_ok)
-    if MODE == WGRAD_GATE_UP:
-        out2_base = _expert_ptr(out2_tab, expert, out_like)
+    if MODE == _WGRAD_GATE_UP:
+        out2_base = _expert_ptr(out2_ptr, out2_tab, expert, OUT_ALIGN)
         tl.store(out2_base + out_offs, acc2.to(out_ty), mask=out_ok)
