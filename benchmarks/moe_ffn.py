@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import kernels
 
 from .common import (
-    CPU_MIN_REPS, RESULTS_DIR, bench, choice_list, closest, device_tag, environment, git_state, parse_tokens,
+    CPU_MIN_REPS, RESULTS_DIR, bench, bench_interleaved, choice_list, closest, device_tag, environment, git_state, parse_tokens,
 )
 
 IMPLS = ("dense", "blend", "index_select", "grouped_mm", "megablocks", "ours")
@@ -53,7 +53,7 @@ DENSE_FROZEN = {"frozen": "fwdbwd", "frozen_bwd": "bwd"}
 DEVICE_DEFAULTS = {
     "cuda": {"d": 2048, "f": 8192, "dtype": "bf16", "tokens": [1024, 4096, 16384, 65536], "warmup": 25.0,
              "rep": 100.0, "span": 256},
-    "cpu": {"d": 512, "f": 2048, "dtype": "fp32", "tokens": [256, 1024, 4096], "warmup": 1.0, "rep": 300.0,
+    "cpu": {"d": 512, "f": 2048, "dtype": "fp32", "tokens": [256, 1024, 4096], "warmup": 1.0, "rep": 1000.0,
             "span": 256},
 }
 QUICK = {"d": 64, "f": 128, "tokens": [64, 256], "fractions": [0.0, 0.5, 1.0], "warmup": 1.0, "rep": 10.0, "span": 32}
@@ -253,20 +253,37 @@ def sweep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, lo
     measured = needed_modes(args.modes)
     records, checks, cases, unavailable = [], [], [], {}
 
-    def measure(c: Case, impl: str, fn, modes: list[str], tokens: int, fraction: float, status: str,
-                reason: str | None) -> None:
-        for mode in modes:
+    def measure(c: Case, jobs: list[tuple[str, object, str, str | None]], tokens: int, fraction: float) -> None:
+        """Time every ``(impl, fn, status, reason)`` job in every measured mode (dense is not re-timed with a
+        frozen text expert: its reference stays the full fwdbwd). CPU: all jobs of a mode interleaved."""
+        for mode in measured:
+            mode_jobs = [j for j in jobs if not (j[0] == "dense" and mode == "frozen")]
             grads = set_trainable(c, mode)
-            rec = {"tokens": tokens, "vis_fraction": fraction, "mode": mode, "impl": impl, "status": status,
-                   "reason": reason}
+            base = {"tokens": tokens, "vis_fraction": fraction, "mode": mode}
             try:
-                rec.update(bench(timed(fn, mode, c.dy_TD), device, args.warmup, args.rep, grads))
-            except Exception as exc:  # an OOM or a kernel bug must not lose the rest of a GPU lease
-                rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
-                log(f"  ERROR {impl} {mode}: {rec['reason']}")
+                if device.type == "cpu":
+                    results = bench_interleaved({impl: timed(fn, mode, c.dy_TD) for impl, fn, _, _ in mode_jobs},
+                                                args.warmup, args.rep, grads, log=log)
+                else:
+                    results = {}
+                    for impl, fn, _, _ in mode_jobs:
+                        try:
+                            results[impl] = bench(timed(fn, mode, c.dy_TD), device, args.warmup, args.rep, grads)
+                        except Exception as exc:  # an OOM or a kernel bug must not lose the rest of a GPU lease
+                            results[impl] = {"error": f"{type(exc).__name__}: {exc}"}
+                            log(f"  ERROR {impl} {mode}: {results[impl]['error']}")
+                        finally:
+                            clear_grads(c)
             finally:
                 clear_grads(c)
-            records.append(rec)
+            for impl, _, status, reason in mode_jobs:
+                rec = {**base, "impl": impl, "status": status, "reason": reason}
+                res = results[impl]
+                if "error" in res:
+                    rec.update(status="error", reason=res["error"])
+                else:
+                    rec.update(res)
+                records.append(rec)
 
     def check(c: Case, impl: str, fn, expected_TD: torch.Tensor, tokens: int, fraction: float | None):
         """Returns (callable or None, status, reason)."""
@@ -303,10 +320,9 @@ def sweep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, lo
 
         for fraction in args.fractions:
             start = time.perf_counter()
-            # Dense ignores the routing but is timed next to every case, so that a burst of load on a shared
-            # machine skews a case's ratios less.
-            measure(c, "dense", dense_fn, [m for m in measured if m != "frozen"], tokens, fraction, dense_status,
-                    dense_reason)
+            # Dense ignores the routing but is timed with every case (interleaved with the others on CPU), so
+            # that a burst of load on a shared machine skews a case's ratios less.
+            jobs = [("dense", dense_fn, dense_status, dense_reason)]
             mask_T, spans = visual_layout(tokens, fraction, args.span, args.seed)
             num_visual = int(mask_T.sum())
             ids_T = torch.from_numpy(mask_T).to(device)
@@ -336,7 +352,8 @@ def sweep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, lo
                     records.extend({"tokens": tokens, "vis_fraction": fraction, "mode": m, "impl": impl,
                                     "status": status, "reason": reason} for m in measured)
                 else:
-                    measure(c, impl, fn, measured, tokens, fraction, status, reason)
+                    jobs.append((impl, fn, status, reason))
+            measure(c, jobs, tokens, fraction)
             log(f"T={tokens} vis {fraction:.2f} ({len(spans)} image spans): {time.perf_counter() - start:.1f} s")
             del expected_TD
     return {"records": records, "checks": checks, "cases": cases, "unavailable": unavailable}
@@ -560,7 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", type=choice_list(MODES), default=list(MODES), help=f"subset of {','.join(MODES)}")
     p.add_argument("--impls", type=choice_list(IMPLS), default=list(IMPLS), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--warmup", type=float, help="warm-up time per measurement in ms (CUDA 25, CPU 1: one call)")
-    p.add_argument("--rep", type=float, help=f"timing time per measurement in ms (CUDA 100, CPU 300; CPU at least "
+    p.add_argument("--rep", type=float, help=f"timing time per measurement in ms (CUDA 100, CPU 1000; CPU at least "
                                              f"{CPU_MIN_REPS} reps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--span", type=int, help="tokens per image span (default 256)")
