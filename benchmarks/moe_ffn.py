@@ -15,7 +15,8 @@ Implementations (each builds a callable from the same inputs):
   ours          kernels.moe_ffn(backend=None): auto (Triton on CUDA, the torch slice path on CPU)
 
 Modes: fwd (under no_grad), fwdbwd (y.backward(dy); grads set to None before every rep), bwd = fwdbwd - fwd
-(medians), frozen (fwdbwd with expert 0's weights frozen, as in EViP S1.1/S1.2), frozen_bwd = frozen - fwd.
+(of the reported times: CUDA medians, CPU minima), frozen (fwdbwd with expert 0's weights frozen, as in EViP
+S1.1/S1.2), frozen_bwd = frozen - fwd.
 Conventions (FLOPs, ratios, timing) and how to read the output: benchmarks/README.md.
 """
 
@@ -372,7 +373,7 @@ def finish(records: list[dict], modes: list[str], args: argparse.Namespace, case
         fwd = key.get((r["tokens"], r["vis_fraction"], "fwd", r["impl"]))
         derived_mode = next(m for m, base in DERIVED.items() if base == r["mode"])
         d = {k: r[k] for k in ("tokens", "vis_fraction", "impl", "status", "reason")}
-        d.update(mode=derived_mode, derived=f"median({r['mode']}) - median(fwd)")
+        d.update(mode=derived_mode, derived=f"ms({r['mode']}) - ms(fwd)")
         if fwd is None or r.get("ms") is None or fwd.get("ms") is None:
             d["ms"] = None
             if fwd is not None and fwd["status"] not in ("ok", "WRONG") and d["status"] in ("ok", "WRONG"):
@@ -492,9 +493,9 @@ def print_report(result: dict) -> None:
 MODE_TITLES = {
     "fwd": "forward under no_grad; FLOPs 6*T*D*F",
     "fwdbwd": "forward + backward, everything trainable; FLOPs 18*T*D*F",
-    "bwd": "fwdbwd - fwd (medians); FLOPs 12*T*D*F",
+    "bwd": "fwdbwd - fwd (of the reported times); FLOPs 12*T*D*F",
     "frozen": "fwdbwd with expert 0 frozen (dense stays fully trainable); FLOPs 12*T*D*F + 6*T*D*F*f",
-    "frozen_bwd": "frozen - fwd (medians); FLOPs 6*T*D*F + 6*T*D*F*f (dense: 12*T*D*F)",
+    "frozen_bwd": "frozen - fwd (of the reported times); FLOPs 6*T*D*F + 6*T*D*F*f (dense: 12*T*D*F)",
 }
 IDEAL_RATIO = {"frozen": lambda f: (2 + f) / 3, "frozen_bwd": lambda f: (1 + f) / 2}
 
@@ -635,11 +636,12 @@ def main(argv: list[str] | None = None) -> int:
         "args": {**vars(args), "out": str(args.out)},
         "ours_backend": ours_backend,
         "conventions": {
-            "time": "median ms; CUDA: triton.testing.do_bench (L2 flushed before every rep); CPU: time.perf_counter",
+            "time": "ms; CUDA: median of triton.testing.do_bench (L2 flushed before every rep); CPU: minimum over "
+                    "rounds of time.perf_counter that time all implementations of a case interleaved",
             "flops": "useful FLOPs of one routed FFN: fwd 6TDF, fwdbwd 18TDF, bwd 12TDF, frozen 12TDF + 6TDF*f, "
                      "frozen_bwd 6TDF + 6TDF*f, f = actual visual fraction; blend is charged the same (its "
                      "TFLOP/s shows the waste); dense is charged its own work (18TDF / 12TDF in frozen modes)",
-            "bwd": "derived: median(fwdbwd) - median(fwd); frozen_bwd = median(frozen) - median(fwd)",
+            "bwd": "derived: ms(fwdbwd) - ms(fwd); frozen_bwd = ms(frozen) - ms(fwd)",
             "frozen": "expert 0 (text) weights requires_grad=False, expert 1 and x trainable; dense keeps all its "
                       "weights trainable, so its frozen rows are its fwdbwd rows and frozen ratios compare with "
                       "the full dense fwdbwd (FLOP ideal (2+f)/3, frozen_bwd (1+f)/2)",
