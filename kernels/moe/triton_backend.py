@@ -125,20 +125,24 @@ def _prune_wgrad(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-@functools.cache
-def _tuned_gemm():
+def build_autotuner(kind: str, configs: list[triton.Config] | None = None, do_bench=None):
+    """``triton.autotune`` around the ``kind`` ("gemm" or "wgrad") kernel, keyed on the sizes, the token-count
+    bucket and the mode, with the shared-memory / register pruning. ``configs`` and ``do_bench`` default to the
+    Hopper list and Triton's GPU timer (the interpreter tests pass small configs and a CPU timer)."""
+    kernel, default_configs, key, prune = {
+        "gemm": (tk.routed_gemm_kernel, _gemm_configs, ["N", "K", "M_BUCKET", "MODE"], _prune_gemm),
+        "wgrad": (tk.routed_wgrad_kernel, _wgrad_configs, ["M", "N", "M_BUCKET", "MODE"], _prune_wgrad),
+    }[kind]
     return triton.autotune(
-        configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "MODE"],
-        prune_configs_by={"early_config_prune": _prune_gemm},
-    )(tk.routed_gemm_kernel)
+        configs=configs or default_configs(), key=key, prune_configs_by={"early_config_prune": prune},
+        do_bench=do_bench,
+    )(kernel)
 
 
 @functools.cache
-def _tuned_wgrad():
-    return triton.autotune(
-        configs=_wgrad_configs(), key=["M", "N", "M_BUCKET", "MODE"],
-        prune_configs_by={"early_config_prune": _prune_wgrad},
-    )(tk.routed_wgrad_kernel)
+def _tuned(kind: str):
+    """The autotuned ``kind`` kernel, built on first use (GPU only)."""
+    return build_autotuner(kind)
 
 
 def _autotune_enabled(device: torch.device) -> bool:
@@ -232,7 +236,7 @@ def _gemm(
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts - 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     if _autotune_enabled(device):
-        _tuned_gemm()[grid](*args, **flags)
+        _tuned("gemm")[grid](*args, **flags)
     else:
         cfg = INTERPRET_CONFIG if device.type == "cpu" else DEFAULT_GPU_CONFIG
         tk.routed_gemm_kernel[grid(cfg)](*args, **flags, **cfg)
@@ -259,7 +263,7 @@ def _wgrad(mode: int, *, p, q, rows, offsets, experts, outs, m, n, p2=None, q2=N
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), len(experts))
 
     if _autotune_enabled(device):
-        _tuned_wgrad()[grid](*args, **flags)
+        _tuned("wgrad")[grid](*args, **flags)
     else:
         cfg = INTERPRET_CONFIG if device.type == "cpu" else DEFAULT_GPU_WGRAD_CONFIG
         cfg = {key: val for key, val in cfg.items() if key != "GROUP_M"}

@@ -297,3 +297,34 @@ def test_triton_on_cpu_without_interpreter_is_unavailable(monkeypatch):
     ids_T, x_TD, w1, w3, w2, _ = make_inputs("unavailable", T, D, F, E, "random")
     with pytest.raises(kernels.BackendUnavailable, match="TRITON_INTERPRET=1"):
         kernels.moe_ffn(x_TD, kernels.build_routing(ids_T), w1, w3, w2, backend="triton")
+
+
+@pytest.mark.interpret
+def test_interpret_autotuned_path(interpreter, monkeypatch):
+    """The GPU launch path (autotuner, pruning, grid from the chosen config, cache key with the token bucket)
+    with interpreter-sized configs and a CPU timer instead of the Hopper list and the GPU timer."""
+    import time
+
+    import triton
+
+    benched = []
+
+    def cpu_bench(kernel_call, quantiles):
+        start = time.perf_counter()
+        kernel_call()
+        benched.append(time.perf_counter() - start)
+        return [benched[-1]] * len(quantiles)
+
+    gemm_cfgs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=2)) for bm in (32, 64)]
+    wgrad_cfgs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64)) for bm in (32, 64)]
+    tuned = {
+        "gemm": tb.build_autotuner("gemm", gemm_cfgs, cpu_bench),
+        "wgrad": tb.build_autotuner("wgrad", wgrad_cfgs, cpu_bench),
+    }
+    monkeypatch.setattr(tb, "_autotune_enabled", lambda device: True)
+    monkeypatch.setattr(tb, "_tuned", tuned.__getitem__)
+    _check_fp32("multi_tile", interpreter, frozen=(0,))
+    assert benched, "the autotuner never timed a config"
+    keys = {kind: list(t.cache) for kind, t in tuned.items()}
+    assert len(keys["gemm"]) == 4 and len(keys["wgrad"]) == 2, keys  # one entry per (mode, sizes, bucket)
+    assert all(256 in key for key in keys["gemm"] + keys["wgrad"]), keys  # T = 150 bucketed to 256
