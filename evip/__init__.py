@@ -5,5 +5,7 @@ Landed so far (the first slice of issue 4):
   the key, file and line; dotted command-line overrides; the resolved config saved with a run.
 - :mod:`evip.stages`: the four stages as data (trainable parameter groups, initialisation, defaults) and
   :func:`evip.stages.set_trainable`.
-The data pipeline, the FSDP2 trainer, checkpoints and metrics follow.
+- :mod:`evip.checkpoint`: DCP checkpoints (model, optimizer, scheduler, per-rank RNG, run state) written
+  atomically, pruned to the last K, found after a crash, resumable on another number of ranks.
+The data pipeline, the FSDP2 trainer and metrics follow.
 """
