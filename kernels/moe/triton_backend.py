@@ -33,10 +33,8 @@ from .routing import Routing
 __all__ = ["interpreting", "moe_ffn_triton", "triton_unavailable_reason"]
 
 # Fixed configuration for TRITON_INTERPRET=1 runs (the interpreter costs ~2 ms per program and k-step, so
-# few, big tiles), and for GPUs where autotuning is switched off with MONO_MOE_AUTOTUNE=0.
+# few, big tiles). On GPUs without autotuning (MONO_MOE_AUTOTUNE=0) the first config of the pruned list is used.
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-DEFAULT_GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-DEFAULT_GPU_WGRAD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 AUTOTUNE_ENV = "MONO_MOE_AUTOTUNE"
 # Debugging aid used by the tests: fill every buffer the ops allocate with NaN first, so an element a kernel
 # forgets to write shows up instead of hiding behind whatever the allocator handed back.
@@ -70,13 +68,15 @@ def _bucket(num_rows: int) -> int:
 
 
 def _gemm_configs() -> list[triton.Config]:
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (128, 256, 64, 8, 3),
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; the first that fits is the fixed default
         (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 3),  # small footprints for fp32 operands and the dual-operand kernel
+        (64, 64, 32, 4, 2),
     ]
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
@@ -85,44 +85,72 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 def _wgrad_configs() -> list[triton.Config]:
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
+    shapes = [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 5),  # deeper prefetch: each row step also loads its perm indices
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 5),
+        (64, 128, 64, 4, 5),
+        (64, 64, 64, 4, 3),
+        (64, 64, 32, 4, 3),
+        (64, 64, 32, 4, 2),
+    ]
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes
     ]
 
 
-def _smem_bytes(cfg: triton.Config, a_tiles: int, b_tiles: int, elsize: int) -> int:
+def _fits(cfg: triton.Config, *, a_tiles: int, b_tiles: int, live_tiles: int, elsize: int) -> bool:
+    """Shared memory of the pipelined operand tiles within the limit (fp32 operands need ~1.5x more with TF32
+    conversion buffers: measured with ptxas for sm_90), and at most 128 fp32 registers per thread for the live
+    ``BLOCK_M x BLOCK_N`` tiles (accumulators, epilogue operands) so the kernel does not spill."""
     k = cfg.kwargs
-    return cfg.num_stages * elsize * (a_tiles * k["BLOCK_M"] * k["BLOCK_K"] + b_tiles * k["BLOCK_N"] * k["BLOCK_K"])
+    per_stage = a_tiles * k["BLOCK_M"] * k["BLOCK_K"] + b_tiles * k["BLOCK_N"] * k["BLOCK_K"]
+    smem = cfg.num_stages * elsize * per_stage * (1.5 if elsize == 4 else 1.0)
+    regs = live_tiles * k["BLOCK_M"] * k["BLOCK_N"] / (32 * cfg.num_warps)
+    return smem <= SMEM_LIMIT and regs <= 128
+
+
+def _no_config(kind: str, named_args) -> RuntimeError:
+    return RuntimeError(f"no {kind} kernel configuration fits this GPU's shared memory and registers for {named_args}")
 
 
 def _prune_gemm(configs, named_args, **kwargs):
     mode = kwargs.get("MODE", named_args.get("MODE"))
-    elsize = named_args["a_ptr"].element_size()
-    a_tiles = 2 if mode == tk.MODE_DUAL else 1
-    b_tiles = 2 if mode in (tk.MODE_GATE_UP, tk.MODE_DUAL) else 1
-    accumulators = 2 if mode == tk.MODE_GATE_UP else 1
-    kept = []
-    for cfg in configs:
-        k = cfg.kwargs
-        if _smem_bytes(cfg, a_tiles, b_tiles, elsize) > SMEM_LIMIT:
-            continue
-        # Two fp32 accumulators of 128 x 256 do not fit in registers.
-        if accumulators * k["BLOCK_M"] * k["BLOCK_N"] > 2 * 128 * 128:
-            continue
-        if named_args["M_BUCKET"] <= 1024 and k["BLOCK_M"] > 64 and any(c.kwargs["BLOCK_M"] == 64 for c in configs):
-            continue  # few tokens: small row tiles give the SMs enough programs
-        kept.append(cfg)
-    return kept or configs[-1:]
+    shape = dict(
+        a_tiles=2 if mode == tk.MODE_DUAL else 1,
+        b_tiles=2 if mode in (tk.MODE_GATE_UP, tk.MODE_DUAL) else 1,
+        live_tiles=2 if mode in (tk.MODE_GATE_UP, tk.MODE_DSWIGLU) else 1,
+        elsize=named_args["a_ptr"].element_size(),
+    )
+    kept = [cfg for cfg in configs if _fits(cfg, **shape)]
+    if named_args["M_BUCKET"] <= 1024 and any(c.kwargs["BLOCK_M"] == 64 for c in kept):
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64]  # few tokens: small row tiles fill the SMs
+    if not kept:
+        raise _no_config("gemm", {k: named_args.get(k, kwargs.get(k)) for k in ("N", "K", "M_BUCKET", "MODE")})
+    return kept
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
     mode = kwargs.get("MODE", named_args.get("MODE"))
-    elsize = named_args["p_ptr"].element_size()
-    a_tiles = 2 if mode == tk.WGRAD_GATE_UP else 1
-    b_tiles = 2 if mode == tk.WGRAD_DOWN else 1  # g and u loaded for h
-    kept = [cfg for cfg in configs if _smem_bytes(cfg, a_tiles, b_tiles, elsize) <= SMEM_LIMIT]
-    return kept or configs[-1:]
+    shape = dict(
+        a_tiles=2 if mode == tk.WGRAD_GATE_UP else 1,
+        b_tiles=2 if mode == tk.WGRAD_DOWN else 1,  # g and u loaded for h
+        live_tiles=2 if mode == tk.WGRAD_GATE_UP else 1,
+        elsize=named_args["p_ptr"].element_size(),
+    )
+    kept = [cfg for cfg in configs if _fits(cfg, **shape)]
+    if not kept:
+        raise _no_config("wgrad", {k: named_args.get(k, kwargs.get(k)) for k in ("M", "N", "M_BUCKET", "MODE")})
+    return kept
+
+
+def _fixed_config(kind: str, named_args: dict, mode: int) -> dict:
+    """The config used without autotuning: the first of the kernel's list that fits (meta-parameters and
+    ``num_warps`` / ``num_stages`` as launch keyword arguments)."""
+    configs, prune = (_gemm_configs(), _prune_gemm) if kind == "gemm" else (_wgrad_configs(), _prune_wgrad)
+    cfg = prune(configs, named_args, MODE=mode)[0]
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def build_autotuner(kind: str, configs: list[triton.Config] | None = None, do_bench=None):
@@ -172,18 +200,38 @@ def _offset_table(tensors: Sequence[torch.Tensor | None], device: torch.device) 
 
 
 def _int64_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor on ``device`` (read-only for the kernels), cached by its values: the weights of a
-    step sit where they sat the step before, so in steady state no copy is made at all."""
-    return _cached_int64_table(tuple(int(v) for v in values), device)
+    """A small int64 tensor on ``device`` (read-only for the kernels), cached by its values and the current
+    stream: the weights of a step sit where they sat the step before, so in steady state no copy is made."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (tuple(int(v) for v in values), device, stream)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _new_table(key)
+    return table
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_int64_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+_TABLES: dict = {}
+_TABLES_MAX = 1024
+
+
+def _new_table(key) -> torch.Tensor:
+    values, device, _ = key
     table = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
-        # From pinned memory, without blocking the host; enqueued before the kernels that read it.
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "kernels.moe_ffn (triton) met new weights while a CUDA graph was being captured; run one step "
+                "with the same weights before capturing"
+            )
+        # From pinned memory, without blocking the host, on the stream the kernels that read it run on (the
+        # stream is part of the cache key; the allocator orders the eventual free after its use there).
+        table = table.pin_memory().to(device, non_blocking=True)
+    else:
+        table = table.to(device)
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.pop(next(iter(_TABLES)))  # oldest first
+    _TABLES[key] = table
+    return table
 
 
 def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
@@ -193,8 +241,20 @@ def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def _tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32 (the newer ``fp32_precision`` flag first: with it set, reading
+    the older ``allow_tf32`` raises in recent torch)."""
+    try:
+        precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    except RuntimeError:
+        precision = None
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -204,6 +264,12 @@ def _same_layout(ws: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     if all(w.stride() == ws[0].stride() for w in ws) and all(s > 0 for s in ws[0].stride()):
         return list(ws)
     return [w.contiguous() for w in ws]
+
+
+def _weights_layout(w1, w3, w2):
+    """``w1`` and ``w3`` are read with one stride pattern (one kernel loads both), ``w2`` with its own."""
+    w13 = _same_layout([*w1, *w3])
+    return w13[: len(w1)], w13[len(w1):], _same_layout(w2)
 
 
 def _gemm(
@@ -217,9 +283,11 @@ def _gemm(
     device = a.device
     w0 = b[0]
     stride_bk, stride_bn = (w0.stride(1), w0.stride(0)) if b_transposed else (w0.stride(0), w0.stride(1))
-    # The kernel reads A2 with A's strides and C2, C3, aux with C's (sorted) strides.
+    # The kernel reads A2 with A's strides, B2 with B's, and C2, C3, aux with C's (sorted) strides.
     if a2 is not None and a2.stride() != a.stride():
         raise AssertionError("a2 must have a's strides")
+    if b2 is not None and b2[0].stride() != w0.stride():
+        raise AssertionError("b2 must have b's strides")
     stride_cm, stride_cn = c.stride()
     for t in (c2, c3, aux1, aux2):
         if t is not None and t.stride() != (stride_cm, stride_cn):
@@ -245,7 +313,8 @@ def _gemm(
     if _autotune_enabled(device):
         _tuned("gemm")[grid](*args, **flags)
     else:
-        cfg = INTERPRET_CONFIG if device.type == "cpu" else DEFAULT_GPU_CONFIG
+        named = {"a_ptr": a, "M_BUCKET": _bucket(num_rows), "N": n, "K": k}
+        cfg = INTERPRET_CONFIG if device.type == "cpu" else _fixed_config("gemm", named, mode)
         tk.routed_gemm_kernel[grid(cfg)](*args, **flags, **cfg)
 
 
@@ -272,8 +341,11 @@ def _wgrad(mode: int, *, p, q, rows, offsets, experts, outs, m, n, p2=None, q2=N
     if _autotune_enabled(device):
         _tuned("wgrad")[grid](*args, **flags)
     else:
-        cfg = INTERPRET_CONFIG if device.type == "cpu" else DEFAULT_GPU_WGRAD_CONFIG
-        cfg = {key: val for key, val in cfg.items() if key != "GROUP_M"}
+        named = {"p_ptr": p, "M_BUCKET": _bucket(rows.numel()), "M": m, "N": n}
+        if device.type == "cpu":
+            cfg = {key: val for key, val in INTERPRET_CONFIG.items() if key != "GROUP_M"}
+        else:
+            cfg = _fixed_config("wgrad", named, mode)
         tk.routed_wgrad_kernel[grid(cfg)](*args, **flags, **cfg)
 
 
@@ -291,7 +363,7 @@ def moe_ffn_fwd(
     t, d = x.shape
     f = w1[0].shape[0]
     e = len(w1)
-    w1, w3, w2 = _same_layout(w1), _same_layout(w3), _same_layout(w2)
+    w1, w3, w2 = _weights_layout(w1, w3, w2)
     y = _alloc((t, d), x)
     h = _alloc((t, f), x)
     g = _alloc((t, f), x) if save else x.new_empty(0)
@@ -329,7 +401,7 @@ def moe_ffn_bwd(
     t, d = x.shape
     f = w1[0].shape[0]
     e = len(w1)
-    w1, w3, w2 = _same_layout(w1), _same_layout(w3), _same_layout(w2)
+    w1, w3, w2 = _weights_layout(w1, w3, w2)
     dw1 = [_alloc(w1[i].shape, w1[i]) if need_w1[i] else None for i in range(e)]
     dw3 = [_alloc(w3[i].shape, w3[i]) if need_w3[i] else None for i in range(e)]
     dw2 = [_alloc(w2[i].shape, w2[i]) if need_w2[i] else None for i in range(e)]

@@ -28,7 +28,9 @@ Epilogues (``MODE``):
 experts listed in ``experts`` only (frozen experts launch nothing). One program owns one output tile and loops
 over all the expert's rows, so the result is deterministic; an expert with no rows stores exact zeros.
 
-All arithmetic is fp32 (accumulators, SwiGLU and its derivative); results are rounded once to the output dtype.
+All arithmetic is fp32 (accumulators, SwiGLU and its derivative). The pre-activations ``g``, ``u`` are rounded to
+the input dtype and ``h`` is computed from the rounded values (forward and backward alike, so the recomputed ``h``
+equals the forward's); every other result is rounded once, when stored.
 """
 
 from __future__ import annotations
@@ -159,14 +161,18 @@ def routed_gemm_kernel(
             b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
             b2_ptrs += BLOCK_K * stride_bk
-        if MODE == _MODE_DUAL:
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if MODE == _MODE_DUAL:
+        # The second product in a loop of its own: two dots chained on one accumulator inside one loop
+        # serialise on Hopper (each waits for the other's wgmma), one dot per loop pipelines.
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
             a2 = tl.load(a2_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
             a2_ptrs += BLOCK_K * stride_ak
             b2_ptrs += BLOCK_K * stride_bk
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     sorted_offs = rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -231,6 +237,9 @@ def routed_wgrad_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    # Column offsets times a non-unit stride (a column-major x or dy) can pass 2**31: 64-bit.
+    col_p = offs_m.to(tl.int64) * stride_pm
+    col_q = offs_n.to(tl.int64) * stride_qn
     offs_r = tl.arange(0, BLOCK_K)
     in_ty = p_ptr.dtype.element_ty
 
@@ -249,10 +258,10 @@ def routed_wgrad_kernel(
             q_rows = tokens
         # P^T tile (BLOCK_M, BLOCK_K) and Q tile (BLOCK_K, BLOCK_N).
         pt = tl.load(
-            p_ptr + p_rows[None, :] * stride_pr + offs_m[:, None] * stride_pm,
+            p_ptr + p_rows[None, :] * stride_pr + col_p[:, None],
             mask=m_ok[:, None] & r_ok[None, :], other=0.0,
         )
-        q_offs = q_rows[:, None] * stride_qr + offs_n[None, :] * stride_qn
+        q_offs = q_rows[:, None] * stride_qr + col_q[None, :]
         q_mask = r_ok[:, None] & n_ok[None, :]
         if MODE == _WGRAD_DOWN:
             g = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)
@@ -263,7 +272,7 @@ def routed_wgrad_kernel(
         acc = tl.dot(pt, q, acc, input_precision=DOT_PRECISION)
         if MODE == _WGRAD_GATE_UP:
             pt2 = tl.load(
-                p2_ptr + p_rows[None, :] * stride_pr + offs_m[:, None] * stride_pm,
+                p2_ptr + p_rows[None, :] * stride_pr + col_p[:, None],
                 mask=m_ok[:, None] & r_ok[None, :], other=0.0,
             )
             acc2 = tl.dot(pt2, q, acc2, input_precision=DOT_PRECISION)

@@ -206,9 +206,12 @@ GPU_DTYPES = [torch.bfloat16, torch.float32]
 
 
 @pytest.fixture
-def cuda(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    return torch.device("cuda")
+def cuda():
+    """CUDA with IEEE fp32 matmuls (our fp32 dots follow torch's setting)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield torch.device("cuda")
+    torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.gpu
@@ -328,3 +331,20 @@ def test_interpret_autotuned_path(interpreter, monkeypatch):
     keys = {kind: list(t.cache) for kind, t in tuned.items()}
     assert len(keys["gemm"]) == 4 and len(keys["wgrad"]) == 2, keys  # one entry per (mode, sizes, bucket)
     assert all(256 in key for key in keys["gemm"] + keys["wgrad"]), keys  # T = 150 bucketed to 256
+
+
+@pytest.mark.interpret
+def test_interpret_w1_and_w3_in_different_layouts(interpreter):
+    """One kernel reads w1 and w3 with one stride pattern: a transposed-view w3 must still be read right."""
+    T, D, F, E = 40, 32, 48, 2
+    ids_T, x_TD, w1, w3, w2, dy_TD = make_inputs("layouts", T, D, F, E, "random")
+    w3_view = [w.t().contiguous().t() for w in w3]  # (F, D) with strides (1, F)
+    assert w3_view[0].stride() != w1[0].stride()
+    routing = kernels.build_routing(ids_T, E)
+    y, g = run_fwd_bwd(
+        lambda x, a, b, c: kernels.moe_ffn(x, routing, a, b, c, backend="triton"), *leaves(x_TD, w1, w3_view, w2), dy_TD
+    )
+    y_ref, g_ref = reference(ids_T, x_TD, w1, w3, w2, dy_TD)
+    torch.testing.assert_close(y, y_ref, **FP32_TOL)
+    for name, ref in g_ref.items():
+        torch.testing.assert_close(g[name], ref, **FP32_TOL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -42,9 +43,10 @@ def _compile(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: i
     return triton.compile(source, target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def _check(compiled):
+def _check(compiled, dtype: str):
     ptx = compiled.asm["ptx"]
-    assert "wgmma" in ptx, "no Hopper tensor-core MMA in the PTX"
+    if dtype == "bf16":
+        assert "wgmma" in ptx, "no Hopper tensor-core MMA in the PTX"
     assert "cp.async" in ptx, "loads are not pipelined"
     assert compiled.metadata.shared <= HOPPER_SMEM, compiled.metadata.shared
 
@@ -56,45 +58,68 @@ GEMM_MODES = {
     "dswiglu": (tk.MODE_DSWIGLU, True, False, ("stride_ak", "stride_bn", "stride_cn")),
     "dx_dual": (tk.MODE_DUAL, False, True, ("stride_ak", "stride_bn", "stride_cn")),
 }
+WGRAD_MODES = {"down": tk.WGRAD_DOWN, "gate_up": tk.WGRAD_GATE_UP}
+# (dtype name for the signature, torch dtype, dot precision): bf16, and fp32 with IEEE and TF32 dots.
+DTYPES = {
+    "bf16": ("bf16", torch.bfloat16, "ieee"),
+    "fp32_ieee": ("fp32", torch.float32, "ieee"),
+    "fp32_tf32": ("fp32", torch.float32, "tf32"),
+}
 
 
-@pytest.mark.parametrize("mode", list(GEMM_MODES))
-def test_routed_gemm_compiles_for_h100(mode):
+def _gemm(mode, dtype_id, cfg):
     number, gather, scatter, unit = GEMM_MODES[mode]
-    cfg = tb.DEFAULT_GPU_CONFIG
+    dtype, _, precision = DTYPES[dtype_id]
     constexprs = dict(
-        E=2, B_ALIGN=16, MODE=number, GATHER_A=gather, SCATTER_C=scatter, SAVE_PRE=True, DOT_PRECISION="ieee",
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        **{name: 1 for name in unit},
+        E=2, B_ALIGN=16, MODE=number, GATHER_A=gather, SCATTER_C=scatter, SAVE_PRE=True, DOT_PRECISION=precision,
+        **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}, **{name: 1 for name in unit},
     )
-    _check(_compile(tk.routed_gemm_kernel, constexprs, "bf16", cfg["num_warps"], cfg["num_stages"]))
+    _check(_compile(tk.routed_gemm_kernel, constexprs, dtype, cfg["num_warps"], cfg["num_stages"]), dtype)
 
 
-@pytest.mark.parametrize("mode", ["down", "gate_up"])
-def test_routed_wgrad_compiles_for_h100(mode):
-    number = {"down": tk.WGRAD_DOWN, "gate_up": tk.WGRAD_GATE_UP}[mode]
-    unit = ("stride_pm", "stride_qn", "stride_on")
-    cfg = tb.DEFAULT_GPU_WGRAD_CONFIG
+def _wgrad(mode, dtype_id, cfg):
+    dtype, _, precision = DTYPES[dtype_id]
     constexprs = dict(
-        OUT_ALIGN=16, MODE=number, DOT_PRECISION="ieee",
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **{name: 1 for name in unit},
+        OUT_ALIGN=16, MODE=WGRAD_MODES[mode], DOT_PRECISION=precision,
+        **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")},
+        **{name: 1 for name in ("stride_pm", "stride_qn", "stride_on")},
     )
-    _check(_compile(tk.routed_wgrad_kernel, constexprs, "bf16", cfg["num_warps"], cfg["num_stages"]))
+    _check(_compile(tk.routed_wgrad_kernel, constexprs, dtype, cfg["num_warps"], cfg["num_stages"]), dtype)
+
+
+def _named(kind, dtype_id, bucket):
+    like = torch.empty(0, dtype=DTYPES[dtype_id][1])
+    return {("a_ptr" if kind == "gemm" else "p_ptr"): like, "M_BUCKET": bucket}
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("mode", list(GEMM_MODES))
+def test_routed_gemm_default_config_compiles_for_h100(mode, dtype_id):
+    """The config used without autotuning (MONO_MOE_AUTOTUNE=0) for 16k tokens."""
+    cfg = tb._fixed_config("gemm", _named("gemm", dtype_id, 16384), GEMM_MODES[mode][0])
+    _gemm(mode, dtype_id, cfg)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("mode", list(WGRAD_MODES))
+def test_routed_wgrad_default_config_compiles_for_h100(mode, dtype_id):
+    cfg = tb._fixed_config("wgrad", _named("wgrad", dtype_id, 16384), WGRAD_MODES[mode])
+    _wgrad(mode, dtype_id, cfg)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(GEMM_MODES))
-def test_every_autotune_config_that_survives_pruning_compiles(mode):
-    number, gather, scatter, unit = GEMM_MODES[mode]
-    import torch
-
-    a = torch.empty(0, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("kind_mode", [("gemm", m) for m in GEMM_MODES] + [("wgrad", m) for m in WGRAD_MODES])
+def test_every_autotune_config_that_survives_pruning_compiles(kind_mode, dtype_id):
+    kind, mode = kind_mode
+    number = GEMM_MODES[mode][0] if kind == "gemm" else WGRAD_MODES[mode]
+    configs, prune = (tb._gemm_configs(), tb._prune_gemm) if kind == "gemm" else (tb._wgrad_configs(), tb._prune_wgrad)
+    seen = set()
     for bucket in (256, 16384):
-        kept = tb._prune_gemm(tb._gemm_configs(), dict(a_ptr=a, M_BUCKET=bucket, MODE=number))
-        assert kept
-        for cfg in kept:
-            constexprs = dict(
-                E=2, B_ALIGN=16, MODE=number, GATHER_A=gather, SCATTER_C=scatter, SAVE_PRE=True,
-                DOT_PRECISION="ieee", **cfg.kwargs, **{name: 1 for name in unit},
-            )
-            _check(_compile(tk.routed_gemm_kernel, constexprs, "bf16", cfg.num_warps, cfg.num_stages))
+        for cfg in prune(configs, _named(kind, dtype_id, bucket), MODE=number):
+            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+            if key in seen:
+                continue
+            seen.add(key)
+            launch = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            (_gemm if kind == "gemm" else _wgrad)(mode, dtype_id, launch)
