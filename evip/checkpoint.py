@@ -22,12 +22,14 @@ them: it is part of ``extra``), and :meth:`Checkpointer.load` reports it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +162,8 @@ class Checkpointer:
                 shutil.rmtree(final)
             staging.mkdir()
         _barrier()
-        dcp.save({"train": state}, checkpoint_id=staging)
+        with _single_process_quiet():
+            dcp.save({"train": state}, checkpoint_id=staging)
         torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
         _barrier()
         if rank == 0:
@@ -195,7 +198,8 @@ class Checkpointer:
             raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json; a save was interrupted)")
         meta = json.loads(meta_file.read_text())
         try:
-            dcp.load({"train": state}, checkpoint_id=path)
+            with _single_process_quiet():
+                dcp.load({"train": state}, checkpoint_id=path)
         except Exception as exc:
             raise CheckpointError(f"cannot load {path}: {exc}") from exc
         rng_file = path / f"rng-rank{_rank()}.pt"
@@ -204,6 +208,15 @@ class Checkpointer:
             set_rng_state(torch.load(rng_file, weights_only=False))
         meta["rng_restored"] = restored
         return meta
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every save/load without a process group that it assumes one process: that is intended here."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -12,10 +12,13 @@ Parameter names are the release's, so the state dict needs no renaming.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
@@ -240,7 +243,7 @@ class InternLM2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["InternLM2DecoderLayer"]
     _supports_sdpa = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -265,6 +268,9 @@ class InternLM2Model(InternLM2PreTrainedModel):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=_padding_idx(config))
         self.layers = nn.ModuleList(InternLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Activation checkpointing (``gradient_checkpointing_enable()``, or set True): each layer's activations are
+        # recomputed in the backward pass instead of stored; only while training.
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -311,8 +317,15 @@ class InternLM2Model(InternLM2PreTrainedModel):
             if num_visual_tokens is not None:
                 counts = (visual_token_mask.numel() - num_visual_tokens, num_visual_tokens)
             route = ModalityRouting(kernels.build_routing(visual_token_mask.reshape(-1).to(torch.bool), 2, counts_host=counts))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, past_key_values, route)
+            if recompute:
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
+                    torch.utils.checkpoint.checkpoint, use_reentrant=False
+                )
+                x = checkpoint(layer.__call__, x, cos, sin, mask, past_key_values, route)
+            else:
+                x = layer(x, cos, sin, mask, past_key_values, route)
         return self.norm(x), past_key_values
 
 

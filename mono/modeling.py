@@ -43,6 +43,7 @@ class MonoInternVLPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["InternLM2DecoderLayer", "PatchEmbedModel"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

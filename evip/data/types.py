@@ -61,6 +61,10 @@ class SkipCounter:
     def update(self, other: "SkipCounter | dict[str, int]") -> None:
         self.counts.update(other.counts if isinstance(other, SkipCounter) else other)
 
+    def reasons(self) -> dict[str, int]:
+        """Skip counts by reason (only the reasons of :data:`SKIP_REASONS`, not ``seen``/``used``)."""
+        return {k: v for k, v in self.counts.items() if k in SKIP_REASONS}
+
     @property
     def skipped(self) -> int:
         return sum(v for k, v in self.counts.items() if k in SKIP_REASONS)
@@ -159,6 +163,7 @@ class Batch:
         image_flags_N: 1 for real tiles, 0 for a dummy tile (added so the visual parameters always take part).
         sample_ids: the examples in the batch, in order.
         num_text_tokens, num_visual_tokens: non-padding tokens by modality (for tokens/s and FLOPs).
+        seq_lens: token count of each sample, in order (padding excluded; for the attention FLOPs).
         data_state: the producer's position after this batch (the loader's business; opaque to the trainer).
         skips: skip counts since the previous batch of the same producer, by reason.
     """
@@ -173,6 +178,7 @@ class Batch:
     sample_ids: list[str]
     num_text_tokens: int
     num_visual_tokens: int
+    seq_lens: list[int] = field(default_factory=list)
     data_state: Any = None
     skips: dict[str, int] = field(default_factory=dict)
 
