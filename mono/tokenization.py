@@ -10,11 +10,11 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["SPECIAL_TOKENS", "add_special_tokens", "check_tokenizer", "load_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "add_special_tokens", "check_tokenizer", "load_tokenizer", "train_bpe_tokenizer"]
 
 SPECIAL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
@@ -141,3 +141,33 @@ def left_padded(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict:
         if pad is None and len(texts) > 1:
             tokenizer.pad_token = None
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def train_bpe_tokenizer(corpus: Sequence[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE tokenizer on ``corpus`` (deterministic; handles any text).
+
+    Laid out like the chat LLMs this project converts: ``<s>`` is added as BOS by the post-processor (as
+    InternLM2's tokenizer does), ``</s>`` is EOS, ``<pad>`` pads, ``<|im_start|>``/``<|im_end|>`` are special tokens
+    for the chat templates, and the nine Mono-InternVL tokens follow. Offsets are left untrimmed, so label masking
+    by character spans works. For tests, demos and benchmarks that need a real tokenizer without downloads.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    texts = [corpus] if isinstance(corpus, str) else list(corpus)
+    if not texts or not any(texts):
+        raise ValueError("train_bpe_tokenizer needs a non-empty corpus")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}, replace_extra_special_tokens=False)
+    add_special_tokens(fast)
+    return fast

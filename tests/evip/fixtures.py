@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from evip.data.types import SKIP_REASONS
 from evip.job import DatasetConfig
 from mono.templates import get_template
-from mono.tokenization import add_special_tokens
+from mono.tokenization import add_special_tokens, train_bpe_tokenizer
 
 __all__ = [
     "BAD_CASES", "COLOURS", "FixtureData", "FixtureImage", "SHAPES", "make_images", "tiny_bpe_tokenizer",
@@ -64,27 +64,12 @@ _CORPUS = (
 # ---------------------------------------------------------------------------------------------------- tokenizer
 @lru_cache(maxsize=8)
 def _trained(corpus: tuple[str, ...]) -> str:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer)
-    # BOS added by the post-processor, as InternLM2's tokenizer does; offsets are left untrimmed.
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return tok.to_str()
+    return train_bpe_tokenizer(corpus).backend_tokenizer.to_str()
 
 
 def tiny_bpe_tokenizer(words_or_corpus: Optional[str | Sequence[str]] = None) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer (handles any text) trained on a fixed English corpus in milliseconds.
-
-    ``<s>`` is added as BOS by the post-processor, ``</s>`` is EOS, ``<pad>`` the pad token, ``<|im_start|>`` and
-    ``<|im_end|>`` are special tokens, and the nine Mono tokens follow. A new object each call (safe to mutate).
-    """
+    """:func:`mono.tokenization.train_bpe_tokenizer` on a fixed English corpus (cached; a new object each call, safe
+    to mutate): byte-level BPE, ``<s>`` BOS, ``</s>`` EOS, ``<pad>``, the chat tokens and the nine Mono tokens."""
     if words_or_corpus is None:
         corpus: tuple[str, ...] = (_CORPUS,)
     elif isinstance(words_or_corpus, str):
@@ -94,8 +79,7 @@ def tiny_bpe_tokenizer(words_or_corpus: Optional[str | Sequence[str]] = None) ->
     fast = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained(corpus)), bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
-    chat_tokens = {"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}
-    fast.add_special_tokens(chat_tokens, replace_extra_special_tokens=False)
+    fast.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}, replace_extra_special_tokens=False)
     add_special_tokens(fast)
     return fast
 

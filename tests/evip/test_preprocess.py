@@ -276,9 +276,9 @@ def test_construction_errors(tok):
     template = get_template("internlm2-chat")
     with pytest.raises(ValueError, match="fast tokenizer"):
         Preprocessor(type("Slow", (), {"is_fast": False})(), template, 4, 56, 128)
-    from tests.evip.fixtures import _CORPUS, _trained
+    from tests.mono.conftest import tiny_tokenizer
 
-    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained((_CORPUS,))), bos_token="<s>")
+    bare = tiny_tokenizer()  # a fast tokenizer without the Mono special tokens
     with pytest.raises(ValueError, match="<img>"):
         Preprocessor(bare, template, 4, 56, 128)
     other = ChatTemplate("x", "{system_message}", "", "U:", "A:", turn_end="<|end|>")
