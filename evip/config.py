@@ -32,9 +32,19 @@ T = TypeVar("T")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 safe loader that also reads ``1e-4`` (no dot) as a float, as people write learning rates."""
+    """YAML safe loader with two YAML 1.2 habits: ``1e-4`` (no dot) is a float, as people write learning rates,
+    and only ``true``/``false`` are booleans (YAML 1.1 also reads ``on``/``off``/``yes``/``no`` as booleans, which
+    would turn ``progress: off`` into ``False``)."""
 
 
+# A copy of the resolver table without YAML 1.1's bool resolver, then a strict one.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

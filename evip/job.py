@@ -94,7 +94,7 @@ class DataConfig:
     seed: int = 0
     """Seed of the order and of the per-sample augmentation."""
     log_skips: int = 10
-    """Skipped samples printed in full (file and sample id) per reason on rank 0; all are counted, and all are
+    """Skipped samples printed in full (file and sample id) per reason by rank 0; all are counted, and all are
     written to ``<output_dir>/skipped-rank<r>.jsonl``."""
     caption_prompt: str = "Provide a one-sentence caption for the provided image."
     """User turn of an image-text pair (S1.1/S1.2): the pair is trained as ``<image>\\n{prompt}`` -> caption, in
@@ -105,6 +105,10 @@ class DataConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.max_tiles is not None and self.max_tiles < 1 or self.min_tiles < 1:
+            raise ValueError(f"max_tiles and min_tiles must be >= 1, got {self.max_tiles}, {self.min_tiles}")
 
 
 @dataclass
@@ -119,6 +123,16 @@ class OptimConfig:
     """Decoupled weight decay, applied to matrices only (not to norms, biases, embeddings of position)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"need eps > 0, weight_decay >= 0, grad_clip >= 0; got {self.eps}, {self.weight_decay}, {self.grad_clip}"
+            )
 
 
 @dataclass
@@ -141,6 +155,12 @@ class ScheduleConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
 
 
 @dataclass
@@ -170,6 +190,10 @@ class CheckpointConfig:
     export: bool = True
     """Export the final model as a release-layout HF folder (``<output_dir>/export``)."""
 
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep_last < 1:
+            raise ValueError(f"every and keep_last must be >= 1, got every={self.every}, keep_last={self.keep_last}")
+
 
 @dataclass
 class LoggingConfig:
@@ -185,6 +209,12 @@ class LoggingConfig:
     """A progress bar on rank 0 (``auto``: when stderr is a terminal)."""
     peak_tflops: Optional[float] = None
     """Peak dense bf16 TFLOP/s of one device, for MFU (default: looked up from the GPU name; none on CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
 
 
 @dataclass

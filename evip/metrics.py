@@ -280,7 +280,8 @@ def format_count(n: float) -> str:
     """``950``, ``1.2k``, ``3.4M``, ``5.6B``, ``7.8T`` (three significant digits below a thousand)."""
     if not math.isfinite(n):
         return str(n)
-    if abs(n) < 1000:
+    # Below a thousand unless three significant digits round it up to one (999.96 would print "1e+03").
+    if abs(n) < 1000 and abs(float(f"{n:.3g}")) < 1000:
         return f"{n:.3g}"
     for unit, scale in (("k", 1e3), ("M", 1e6), ("B", 1e9), ("T", 1e12)):
         value = n / scale
@@ -356,6 +357,7 @@ class StepMeter:
         device: torch.device | str | None = None,
         gather: Optional[Callable[[dict], list[dict]]] = None,
         clock: Callable[[], float] = time.perf_counter,
+        nonfinite_steps: int = 0,
     ) -> None:
         self.total_steps = int(total_steps)
         self.peak_flops = peak_flops
@@ -367,7 +369,7 @@ class StepMeter:
         self._steps_run = 0
         self._step = 0
         self._skipped: dict[str, int] = {}
-        self._nonfinite = 0
+        self._nonfinite = int(nonfinite_steps)  # a resumed run starts from its checkpoint's count
         self._lr = float("nan")
         self._grad_norm = float("nan")
         self._reset_window()

@@ -8,6 +8,7 @@ it: finished stages are skipped and the interrupted one resumes from its newest 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -45,8 +46,9 @@ def stage_jobs(recipe_path: Path, overrides: Sequence[str] = ()) -> tuple[Recipe
 def run_recipe(recipe_path: Path, overrides: Sequence[str] = ()) -> list[Optional[TrainResult]]:
     """Train every stage of the recipe that has no export yet; ``None`` for stages already done."""
     recipe, jobs = stage_jobs(recipe_path, overrides)
-    Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
-    save_config(recipe, Path(recipe.output_dir) / "recipe.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun starts every rank on this: one writer
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(recipe, Path(recipe.output_dir) / "recipe.yaml")
     results: list[Optional[TrainResult]] = []
     for job in jobs:
         if (Path(job.output_dir) / "export" / "config.json").is_file():

@@ -113,6 +113,12 @@ def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _wants_fsdp(fsdp: bool, world: int, device: torch.device) -> bool:
+    """FSDP2 with several ranks, and on a single GPU too (its bf16 policy keeps fp32 master weights and reduces in
+    fp32); a single CPU process trains the plain module."""
+    return fsdp and (world > 1 or device.type == "cuda")
+
+
 def _pad_id(tokenizer) -> int:
     """Padding id: the tokenizer's pad token, else its EOS (padding is never attended to nor supervised)."""
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -163,6 +169,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self.resumed_step: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -171,14 +178,20 @@ class Trainer:
             dist.barrier()
 
     def _shard(self, model: MonoInternVL) -> torch.nn.Module:
-        # FSDP2 also on a single GPU (its bf16 mixed-precision policy keeps fp32 master weights); a single CPU
-        # process trains the plain module.
-        sharded = self.job.parallel.fsdp and (self.world > 1 or self.device.type == "cuda")
+        sharded = _wants_fsdp(self.job.parallel.fsdp, self.world, self.device)
         self.sharded = sharded
+        if self.world > 1 and not sharded:
+            raise ValueError(
+                f"parallel.fsdp is false but {self.world} ranks run: nothing would average their gradients; set "
+                "parallel.fsdp=true (FSDP2) or launch a single process"
+            )
         if not sharded:
             return model.to(self.device)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if not dist.is_initialized():  # one device without torchrun: FSDP2 still needs a (one-rank) group
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else None
         kwargs = {"mp_policy": mp} if mp is not None else {}
         model.to(self.device)
@@ -209,9 +222,9 @@ class Trainer:
         return TrainLoader(
             sources, preprocess, rank=self.rank, world_size=self.world,
             micro_batch_size=job.data.micro_batch_size, packed=job.data.packing, max_seq_len=job.max_seq_len,
-            weighting=job.weighting, pad_id=_pad_id(self.tokenizer), image_size=cfg.force_image_size,
+            weighting=job.weighting, pad_id=_pad_id(self.tokenizer), image_size=cfg.image_size,
             seed=job.data.seed, shuffle=job.data.shuffle, num_workers=job.data.num_workers,
-            log_skips=job.data.log_skips, skip_log=self.out / f"skipped-rank{self.rank}.jsonl",
+            log_skips=job.data.log_skips if self.rank == 0 else 0, skip_log=self.out / f"skipped-rank{self.rank}.jsonl",
         )
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -233,6 +246,7 @@ class Trainer:
         meta = self.checkpointer.load(self._state())
         extra = meta["extra"]
         self.step = int(meta["step"])
+        self.resumed_step = self.step
         self.nonfinite_total = int(extra.get("nonfinite_total", 0))
         self.nonfinite_in_row = int(extra.get("nonfinite_in_row", 0))
         states = extra["data"]
@@ -327,9 +341,10 @@ class Trainer:
         sinks = M.build_sinks(job.logging, self.out, self.rank, to_dict(job))
         self.progress = M.Progress(total, initial=self.step, mode=job.logging.progress, rank=self.rank)
         meter = M.StepMeter(
-            total_steps=total, peak_flops=M.peak_flops(self.device, job.logging.peak_tflops), device=self.device
+            total_steps=total, peak_flops=M.peak_flops(self.device, job.logging.peak_tflops), device=self.device,
+            nonfinite_steps=self.nonfinite_total,
         )
-        metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        metrics_file = self._open_metrics() if self.rank == 0 else None
         losses: dict[int, float] = {}
         num_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # DTensor: global
         self._print(
@@ -383,10 +398,21 @@ class Trainer:
             sinks.close()
             if metrics_file is not None:
                 metrics_file.close()
-        if self.step % job.checkpoint.every != 0 and self.step != total:
+        if self.step != self.resumed_step and self.step % job.checkpoint.every != 0 and self.step != total:
             self.save()  # stopped early (stop_at): keep the position
         export = self.export() if self.step == total and job.checkpoint.export else None
         return TrainResult(self.step, losses, export, self._skips(), self.nonfinite_total)
+
+    def _open_metrics(self):
+        """``metrics.jsonl`` for appending, without lines past the current step (written after the checkpoint we
+        resumed from, by a run that then died: those steps run again)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= self.step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, path)
+        return open(path, "a")
 
     def _flops(self, batch) -> M.FlopCount:
         """Model FLOPs of one micro-batch (3x forward), counted on its real tokens and per-sample lengths."""

@@ -30,7 +30,7 @@ from .preprocess import Preprocessor, tokens_per_tile
 from .sources import Source, build_sources
 from .types import SKIP_REASONS, SkipSample
 
-__all__ = ["check_dataset", "check_sources", "format_report", "main"]
+__all__ = ["CheckError", "check_dataset", "check_sources", "format_report", "main"]
 
 _CHUNK = 64  # samples per task of a worker process
 
@@ -38,13 +38,28 @@ _CHUNK = 64  # samples per task of a worker process
 _WORKER: dict[str, Any] = {}
 
 
+class CheckError(RuntimeError):
+    """A sample failed with an error that is not a :class:`SkipSample` (a bug in a source, the preprocessor or the
+    data); the message names the dataset and the sample, the original exception is the ``__cause__``."""
+
+
 def _check_one(source: Source, preprocessor: Preprocessor, i: int) -> tuple[int, int, Optional[str], str, str]:
-    """``(tokens, tiles, skip reason or None, sample id, detail)`` of sample ``i``."""
+    """``(tokens, tiles, skip reason or None, sample id, detail)`` of sample ``i``.
+
+    Raises:
+        CheckError: any error other than :class:`SkipSample`, naming the sample (as the training loader does).
+    """
+    raw = None
     try:
         raw = source.get(i)
         example = preprocessor(raw, epoch=0)
     except SkipSample as skip:
         return -1, 0, skip.reason, skip.sample_id, skip.detail
+    except Exception as exc:
+        what = raw.sample_id if raw is not None else f"sample {i}"
+        raise CheckError(
+            f"checking {what} of dataset {source.name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return len(example), sum(example.num_tiles), None, raw.sample_id, ""
 
 

@@ -127,3 +127,16 @@ def test_scientific_notation_without_dot_is_a_float(tmp_path):
     cfg = load_config(Run, _write(tmp_path, GOOD.replace("2.0e-4", "3e-4")))
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert load_config(Run, _write(tmp_path, GOOD), ["optim.weight_decay=1E-2"]).optim.weight_decay == 0.01
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    from evip.job import JobConfig
+
+    path = tmp_path / "stage.yaml"
+    path.write_text("stage: s1.1\noutput_dir: x\nlogging:\n  progress: off\n  tensorboard: false\n")
+    job = load_config(JobConfig, path, ["parallel.activation_checkpointing=true"])
+    assert job.logging.progress == "off" and job.logging.tensorboard is False
+    assert job.parallel.activation_checkpointing is True
+    assert load_config(JobConfig, path, ["logging.progress=on"]).logging.progress == "on"
+    with pytest.raises(ConfigError, match="logging.tensorboard"):
+        load_config(JobConfig, path, ["logging.tensorboard=yes"])  # 'yes' is a string, not a bool

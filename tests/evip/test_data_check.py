@@ -141,3 +141,23 @@ def test_main_with_a_stage_config(tmp_path, tokenizer_dir):
     assert main(["--config", str(config), "--override", "data.max_seqlen=4096"]) == 2
     assert main(["--config", str(config), "--max-seq-len", "10"]) == 2
     assert main(["--config", str(config), str(data.path)]) == 2
+
+
+def test_an_unexpected_error_names_the_sample(tmp_path, mixture):
+    from evip.data.check import CheckError, check_sources
+
+    class Broken:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, raw, epoch=0):
+            if raw.sample_id.endswith(":2"):
+                raise KeyError("boom")
+            return self.inner(raw, epoch)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    sources = build_sources([mixture[1].dataset_config()], 6)
+    with pytest.raises(CheckError, match=r"checking .*:2 of dataset .* failed: KeyError"):
+        check_sources(sources, Broken(tiny_preprocessor(max_seq_len=512)))

@@ -172,6 +172,8 @@ def test_format_count_and_duration():
     assert [format_count(n) for n in (0, 950, 1234, 999_960, 3.4e6, 5.6e9, 7.8e12, 12.34)] == [
         "0", "950", "1.2k", "1.0M", "3.4M", "5.6B", "7.8T", "12.3",
     ]
+    # just below a thousand, three significant digits round up: "1.0k", not "1e+03"
+    assert [format_count(n) for n in (999.4, 999.96, -999.96)] == ["999", "1.0k", "-1.0k"]
     assert [format_duration(s) for s in (None, float("nan"), 42, 59.6, 725, 3720, 2 * 86400 + 3 * 3600)] == [
         "?", "?", "42s", "1m00s", "12m05s", "1h02m", "2d03h",
     ]

@@ -215,3 +215,42 @@ def test_cli_reports_config_errors_with_the_key(tmp_path):
         text=True, timeout=120,
     )
     assert proc.returncode == 2 and "schedule.step" in proc.stderr and "did you mean 'steps'" in proc.stderr
+
+
+def test_fsdp2_on_a_single_process_matches_the_plain_module(workspace, tmp_path, monkeypatch):
+    """The one-device FSDP2 path (a GPU without torchrun) starts its own one-rank group; on CPU it must train exactly
+    what the plain module trains."""
+    import torch.distributed as dist
+
+    import evip.train as T
+
+    sections = dict(schedule={"steps": 3}, checkpoint={"every": 100, "export": True})
+    plain = train(make_job(workspace, "s1.1", tmp_path / "plain", **sections))
+    monkeypatch.setattr(T, "_wants_fsdp", lambda fsdp, world, device: fsdp)
+    try:
+        trainer = Trainer(make_job(workspace, "s1.1", tmp_path / "fsdp", **sections))
+        assert trainer.sharded and dist.is_initialized() and dist.get_world_size() == 1
+        sharded = trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    for step, loss in plain.losses.items():
+        assert abs(loss - sharded.losses[step]) <= 1e-5 * abs(loss)
+    a = MonoInternVL.from_pretrained(plain.export_dir, dtype=torch.float32).state_dict()
+    b = MonoInternVL.from_pretrained(sharded.export_dir, dtype=torch.float32).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_resume_after_a_crash_drops_the_metric_lines_of_lost_steps(workspace, tmp_path):
+    sections = dict(schedule={"steps": 5}, checkpoint={"every": 2, "export": False})
+    run = tmp_path / "run"
+    train(make_job(workspace, "s1.1", run, **sections), stop_at=3)  # checkpoints 2 and 3, metrics 1..3
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-00000003")  # as if the process died before saving step 3
+    resumed = Trainer(make_job(workspace, "s1.1", run, **sections))
+    result = resumed.run()
+    assert resumed.resumed_step == 2 and sorted(result.losses) == [3, 4, 5]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
