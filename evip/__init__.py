@@ -1,11 +1,13 @@
 """EViP: the staged training engine (S1.1 concept, S1.2 semantic, S1.3 alignment, S2 instruction tuning).
 
-Landed so far (the first slice of issue 4):
-- :mod:`evip.config`: YAML into typed dataclasses; unknown keys, wrong types and missing keys are errors naming
-  the key, file and line; dotted command-line overrides; the resolved config saved with a run.
-- :mod:`evip.stages`: the four stages as data (trainable parameter groups, initialisation, defaults) and
-  :func:`evip.stages.set_trainable`.
-- :mod:`evip.checkpoint`: DCP checkpoints (model, optimizer, scheduler, per-rank RNG, run state) written
-  atomically, pruned to the last K, found after a crash, resumable on another number of ranks.
-The data pipeline, the FSDP2 trainer and metrics follow.
+- :mod:`evip.job`: the job config, one dataclass per concern; :mod:`evip.config` reads YAML into it (errors name the
+  key, file and line; dotted overrides; the resolved config is saved with every run).
+- :mod:`evip.stages`: the four stages as data (trainable parameter groups, initialisation, defaults).
+- :mod:`evip.build`: the model and tokenizer a stage starts from (a plain LLM through ``from_llm``, or the previous
+  stage's export).
+- :mod:`evip.data`: sources, preprocessing, packing, the resumable sharded loader, skip accounting, ``data check``.
+- :mod:`evip.loss`: weighted cross entropy normalised over ranks and accumulation steps.
+- :mod:`evip.metrics`: FLOPs and MFU, the step line, TensorBoard / wandb sinks, the progress bar.
+- :mod:`evip.checkpoint`: DCP checkpoints, atomic, pruned, resumable on another number of ranks.
+- :mod:`evip.train`: one stage (``evip train``); :mod:`evip.recipe`: the chain (``evip run``); :mod:`evip.cli`.
 """

@@ -218,8 +218,8 @@ def test_cli_reports_config_errors_with_the_key(tmp_path):
 
 
 def test_fsdp2_on_a_single_process_matches_the_plain_module(workspace, tmp_path, monkeypatch):
-    """The one-device FSDP2 path (a GPU without torchrun) starts its own one-rank group; on CPU it must train exactly
-    what the plain module trains."""
+    """The one-device FSDP2 path (a GPU without torchrun) starts its own one-rank group; on CPU, with activation
+    checkpointing, it must train exactly what the plain module trains."""
     import torch.distributed as dist
 
     import evip.train as T
@@ -228,7 +228,10 @@ def test_fsdp2_on_a_single_process_matches_the_plain_module(workspace, tmp_path,
     plain = train(make_job(workspace, "s1.1", tmp_path / "plain", **sections))
     monkeypatch.setattr(T, "_wants_fsdp", lambda fsdp, world, device: fsdp)
     try:
-        trainer = Trainer(make_job(workspace, "s1.1", tmp_path / "fsdp", **sections))
+        # with activation checkpointing too: recomputing the layers changes nothing either
+        trainer = Trainer(make_job(workspace, "s1.1", tmp_path / "fsdp", parallel={"activation_checkpointing": True},
+                                   **sections))
+        assert trainer.model.language_model.model.gradient_checkpointing
         assert trainer.sharded and dist.is_initialized() and dist.get_world_size() == 1
         sharded = trainer.run()
     finally:
