@@ -189,6 +189,9 @@ class CheckpointConfig:
     """Resume from the newest complete checkpoint of the run folder if there is one."""
     export: bool = True
     """Export the final model as a release-layout HF folder (``<output_dir>/export``)."""
+    export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights of the export: ``auto`` = bfloat16 when trained in bf16 mixed precision (the release format), else
+    float32 (CPU runs keep full precision, so frozen weights stay bit-identical across stages)."""
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.keep_last < 1:

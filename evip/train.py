@@ -273,6 +273,9 @@ class Trainer:
             with torch.device("meta"):
                 model = MonoInternVL(self.model_config)
             model.load_state_dict(state, assign=True)
+            dtype = self.job.checkpoint.export_dtype
+            if dtype == "bfloat16" or (dtype == "auto" and self.bf16):
+                model.to(torch.bfloat16)
             model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
             shutil.rmtree(target, ignore_errors=True)

@@ -257,3 +257,16 @@ def test_resume_after_a_crash_drops_the_metric_lines_of_lost_steps(workspace, tm
     assert resumed.resumed_step == 2 and sorted(result.losses) == [3, 4, 5]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_export_in_bf16_is_the_release_format(workspace, tmp_path):
+    from safetensors import safe_open
+
+    job = make_job(workspace, "s1.1", tmp_path / "run", schedule={"steps": 1},
+                   checkpoint={"every": 100, "export_dtype": "bfloat16"})
+    export = train(job).export_dir
+    (shard,) = export.glob("*.safetensors")
+    with safe_open(str(shard), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((export / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert MonoInternVL.from_pretrained(export).dtype == torch.bfloat16
