@@ -1,8 +1,9 @@
-"""The ``evip`` command: ``evip train``, ``evip run``, ``evip data check``.
+"""The ``evip`` command: ``evip train``, ``evip run``, ``evip data check``, ``evip eval``.
 
     evip train configs/evip/tiny/s1_1.yaml schedule.steps=20        one stage
     evip run configs/evip/tiny/recipe.yaml                            the whole chain
     evip data check data/meta.json --tokenizer path/to/tokenizer      validate a dataset offline
+    evip eval runs/x/s2/export --data eval/ --text held_out.txt      held-out accuracy + perplexity
     torchrun --nproc_per_node 8 -m evip.cli train stage.yaml          several processes (same for run)
 """
 
@@ -33,6 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .data.check import main as run
 
             rest = rest[1:]
+        elif command == "eval":
+            from .eval import main as run
         else:
             print(f"evip: unknown command {' '.join(argv[:2])!r}\n{USAGE}", file=sys.stderr)
             return 2

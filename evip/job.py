@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from .stages import STAGES, stage_spec
+from .stages import PARAM_GROUPS, STAGES, stage_spec
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "DatasetConfig", "JobConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
@@ -131,7 +131,8 @@ class OptimConfig:
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
         if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(
-                f"need eps > 0, weight_decay >= 0, grad_clip >= 0; got {self.eps}, {self.weight_decay}, {self.grad_clip}"
+                f"need eps > 0, weight_decay >= 0, grad_clip >= 0; got {self.eps}, {self.weight_decay}, "
+                f"{self.grad_clip}"
             )
 
 
@@ -239,6 +240,9 @@ class JobConfig:
     """Parameter groups to train (default: the stage's; S2 may name a subset)."""
     loss_weighting: Optional[Literal["token", "sample", "square"]] = None
     """Default: the stage's."""
+    delta_tuning: bool = True
+    """Train only the stage's groups (the method: the LLM stays frozen through S1.1 and S1.2). ``false`` is the
+    ablation: every parameter trains in every stage, so the forgetting delta tuning avoids can be measured."""
     seed: int = 0
     """Seed of the new parameters and of dropout-free training randomness."""
 
@@ -272,6 +276,8 @@ class JobConfig:
 
     @property
     def trainable_groups(self) -> tuple[str, ...]:
+        if not self.delta_tuning:
+            return tuple(PARAM_GROUPS)
         return tuple(self.trainable) if self.trainable is not None else self.spec.trainable
 
 

@@ -20,10 +20,17 @@ from .train import TrainResult, train
 __all__ = ["main", "run_recipe", "stage_jobs"]
 
 
-def stage_jobs(recipe_path: Path, overrides: Sequence[str] = ()) -> tuple[RecipeConfig, list[JobConfig]]:
-    """The recipe and its resolved stage configs (each stage's ``output_dir`` and ``model.init`` filled in)."""
+def stage_jobs(
+    recipe_path: Path, overrides: Sequence[str] = (), *, output_dir: Optional[Path] = None, init: Optional[Path] = None
+) -> tuple[RecipeConfig, list[JobConfig]]:
+    """The recipe and its resolved stage configs (each stage's ``output_dir`` and ``model.init`` filled in);
+    ``output_dir`` and ``init`` replace the recipe's own."""
     recipe_path = Path(recipe_path)
     recipe = load_config(RecipeConfig, recipe_path)
+    if output_dir is not None:
+        recipe.output_dir = Path(output_dir)
+    if init is not None:
+        recipe.init = Path(init)
     jobs: list[JobConfig] = []
     previous: Optional[Path] = None
     for index, entry in enumerate(recipe.stages):

@@ -71,3 +71,15 @@ def test_stage_lookup_and_defaults():
     assert stage_spec("s1.1").init == "llm" and all(STAGES[s].init == "previous" for s in ("s1.2", "s1.3", "s2"))
     with pytest.raises(ValueError, match="s1.1, s1.2, s1.3, s2"):
         stage_spec("s3")
+
+
+def test_delta_tuning_off_trains_every_group_in_every_stage():
+    from evip.config import from_dict
+    from evip.job import JobConfig
+    from evip.stages import PARAM_GROUPS
+
+    for stage in ("s1.1", "s1.2", "s1.3", "s2"):
+        on = from_dict(JobConfig, {"stage": stage, "output_dir": "x"})
+        off = from_dict(JobConfig, {"stage": stage, "output_dir": "x", "delta_tuning": False})
+        assert off.trainable_groups == tuple(PARAM_GROUPS)
+        assert on.trainable_groups == on.spec.trainable

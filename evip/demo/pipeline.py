@@ -1,0 +1,133 @@
+"""The embedded default (``make demo``): a small pre-trained LM becomes a native MLLM through all EViP stages.
+
+1. write the bundled synthetic data (:mod:`evip.demo.datasets`; cached by its manifest);
+2. pre-train the demo base LM on bundled text (:mod:`evip.demo.base_lm`; cached by its fingerprint);
+3. run the recipe ``configs/evip/demo/recipe.yaml`` stage by stage, evaluating after each stage: per-task accuracy
+   on the held-out splits and text perplexity of held-out text (bit-identical to the base LM through S1.1/S1.2);
+4. write the report (table, JSON, loss and accuracy plots) and ask the final model about a held-out image.
+
+``--ablation`` runs the chain a second time with delta tuning off (the LLM trains from S1.1 on), so the
+forgetting the method avoids shows side by side in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from evip.eval import evaluate_tasks, text_perplexity
+from evip.recipe import stage_jobs
+from evip.report import Ablation, write_report
+from evip.train import train
+from mono import MonoInternVL
+from mono.tokenization import load_tokenizer
+
+from .base_lm import BaseLMConfig, build_base_lm
+from .datasets import DemoDataSizes, text_corpus, write_demo_data
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "evip" / "demo" / "recipe.yaml"
+DEFAULT_DATA = Path(".cache/demo/data")  # where the recipe's dataset paths point
+
+# The shortened version `make test` runs end to end (same code, tiny sizes).
+QUICK_SIZES = DemoDataSizes(
+    s1_1=48, s1_2=48, s1_3_scenes=24, s1_3_digits=24, s2_scenes=16, s2_digits=8, s2_text=8, eval_per_task=4,
+    shard_size=32,
+)
+
+
+def _evaluate(folder: Path, data, held_out: Sequence[str], seq_len: int, limit: Optional[int]) -> tuple[dict, float]:
+    model = MonoInternVL.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(folder)
+    results = evaluate_tasks(model, tokenizer, data.eval_dir, max_tiles=4, limit=limit, progress="off")
+    return results, text_perplexity(model, tokenizer, list(held_out), seq_len)
+
+
+def run_chain(
+    label: str, out: Path, data, base, overrides: Sequence[str], limit: Optional[int], log=print
+) -> tuple[dict, dict, dict, dict]:
+    """Train every stage of the demo recipe under ``out``; accuracy, perplexity, seconds and run folder per stage."""
+    _, jobs = stage_jobs(RECIPE, overrides, output_dir=out, init=base.folder)
+    accuracy, perplexity, seconds, runs = {}, {}, {}, {}
+    for job in jobs:
+        for dataset in job.data.datasets:  # the recipe names the default data folder; use the one written
+            if dataset.path.parts[:3] == DEFAULT_DATA.parts:
+                dataset.path = Path(data.root, *dataset.path.parts[3:])
+        t0 = time.perf_counter()
+        result = train(job)
+        seconds[job.stage] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        accuracy[job.stage], perplexity[job.stage] = _evaluate(
+            result.export_dir, data, base.held_out_texts, base.seq_len, limit
+        )
+        seconds[f"eval {job.stage}"] = time.perf_counter() - t0
+        runs[job.stage] = Path(job.output_dir)
+        table = ", ".join(f"{t} {r['accuracy']:.0%}" for t, r in accuracy[job.stage]["tasks"].items())
+        log(f"[{label}] {job.stage}: {table}; text perplexity {perplexity[job.stage]:.4f} ({seconds[job.stage]:.0f} s)")
+    return accuracy, perplexity, seconds, runs
+
+
+def run_demo(out: Path, *, quick: bool = False, ablation: bool = False, log=print) -> Path:
+    """Run the whole demo into ``out``; returns the report file."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data = write_demo_data(out / "data", sizes=QUICK_SIZES if quick else None)
+    timings["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base_config = BaseLMConfig(steps=30, log_every=10) if quick else BaseLMConfig()
+    base = build_base_lm(out / "base_lm", base_config, extra_texts=text_corpus(200 if quick else 2000), log=log)
+    timings["base LM"] = time.perf_counter() - t0
+    base_model = MonoInternVL.from_llm(str(base.folder), tokenizer=load_tokenizer(base.folder), dtype=torch.float32)
+    base_ppl = text_perplexity(base_model, load_tokenizer(base.folder), list(base.held_out_texts), base.seq_len)
+    del base_model
+    overrides = ["schedule.steps=3", "logging.every=1"] if quick else []
+    limit = 4 if quick else None
+    accuracy, perplexity, seconds, runs = run_chain("EViP", out / "runs" / "evip", data, base, overrides, limit, log)
+    timings.update(seconds)
+    extra = None
+    if ablation:
+        off = [*overrides, "delta_tuning=false"]
+        a_acc, a_ppl, a_sec, a_runs = run_chain(
+            "no delta tuning", out / "runs" / "ablation", data, base, off, limit, log
+        )
+        extra = Ablation("delta tuning off", a_acc, {"base": base_ppl, **a_ppl}, a_runs, a_sec)
+    last = runs[max(runs)] / "export"
+    report = write_report(
+        out / "report", accuracy, {"base": base_ppl, **perplexity}, timings,
+        [f"final model: {last}", f"data: {data.root} (manifest.json)", f"base LM: {base.folder}"],
+        stage_runs=runs, ablation=extra,
+    )
+    log(f"report: {report}")
+    chat_about_held_out_image(last, data.eval_dir, log)
+    return report
+
+
+def chat_about_held_out_image(model_dir: Path, eval_dir: Path, log=print) -> str:
+    """Ask the final model, through the ``mono-chat`` command line, the first held-out colour question."""
+    import subprocess
+    import sys
+
+    record = json.loads((eval_dir / "colour.jsonl").read_text().splitlines()[0])
+    image = eval_dir / record["image"]
+    cmd = [sys.executable, "-m", "mono.cli", str(model_dir), "--image", str(image), "--question", record["question"],
+           "--max-new-tokens", "32", "--max-tiles", "4"]
+    log(f"$ mono-chat {model_dir} --image {image} --question {record['question']!r}")
+    answer = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    log(f"{answer}\n(expected: {record['answer']})")
+    return answer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evip.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "demo")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the version `make test` runs)")
+    parser.add_argument("--ablation", action="store_true", help="also run with delta tuning off")
+    args = parser.parse_args(argv)
+    report = run_demo(args.out, quick=args.quick, ablation=args.ablation)
+    print(json.dumps({"report": str(report)}))
+    return 0

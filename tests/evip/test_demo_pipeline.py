@@ -1,0 +1,26 @@
+"""The shortened demo end to end (`python -m evip.demo --quick`): data, base LM, four stages, evaluation after each,
+report; the language model's text perplexity is bit-identical through S1.1 and S1.2 and changes after S2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evip.demo.pipeline import run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_demo_runs_every_stage_and_reports(tmp_path):
+    report = run_demo(tmp_path, quick=True, log=lambda line: None)
+    assert report.is_file()
+    results = json.loads((report.parent / "results.json").read_text())
+    text = report.read_text()
+    for stage in ("s1.1", "s1.2", "s1.3", "s2"):
+        assert stage in text and (tmp_path / "runs" / "evip" / stage / "export" / "config.json").is_file()
+    ppl = results["perplexity_per_stage"]
+    assert ppl["s1.1"] == ppl["base"] and ppl["s1.2"] == ppl["base"]  # exact float equality
+    assert ppl["s2"] != ppl["base"]
+    assert (report.parent / "loss.png").is_file() and (report.parent / "accuracy.png").is_file()
+    assert text.count("bit-identical to base") >= 2
