@@ -1,7 +1,7 @@
 """The ``evip`` command: ``evip train``, ``evip run``, ``evip data check``, ``evip eval``.
 
-    evip train configs/evip/tiny/s1_1.yaml schedule.steps=20        one stage
-    evip run configs/evip/tiny/recipe.yaml                            the whole chain
+    evip train configs/evip/smoke/s1_1.yaml schedule.steps=20       one stage
+    evip run configs/evip/smoke/recipe.yaml                           the whole chain
     evip data check data/meta.json --tokenizer path/to/tokenizer      validate a dataset offline
     evip eval runs/x/s2/export --data eval/ --text held_out.txt      held-out accuracy + perplexity
     torchrun --nproc_per_node 8 -m evip.cli train stage.yaml          several processes (same for run)
