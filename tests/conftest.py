@@ -20,6 +20,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread: on a small, shared CPU the thread pool turns tiny tensor ops into
+    ~10 ms stalls (preprocessing, CPU medians)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def release_ckpt() -> Path:
     """A tiny checkpoint written by the released Mono-InternVL code (see tests/assets/release_tiny/README.md)."""

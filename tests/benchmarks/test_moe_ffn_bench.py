@@ -14,14 +14,6 @@ from benchmarks import moe_ffn
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def one_thread():
-    # Two threads on a shared 2-core machine stall for whole scheduler slices; one keeps medians stable.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def test_quick_run_writes_complete_results(tmp_path, capsys, one_thread):
     assert moe_ffn.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0

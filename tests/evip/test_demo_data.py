@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from evip.data.check import check_dataset
@@ -59,14 +58,6 @@ def _jsonl(path: Path) -> list[dict]:
 def demo(tmp_path_factory):
     return write_demo_data(tmp_path_factory.mktemp("demo"), seed=3, sizes=SMALL)
 
-
-@pytest.fixture
-def one_thread():
-    # Preprocessing runs tiny tensor ops; on a small, busy CPU torch's thread pool makes each one ~10x slower.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 # ---------------------------------------------------------------------------------------------------- determinism
