@@ -25,12 +25,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import logging
 import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -39,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from mono import MonoInternVL
-from mono.templates import get_template
 
 from . import metrics as M
 from .build import build_model
@@ -53,8 +50,6 @@ from .loss import scale_loss, step_denominator, weighted_ce
 from .stages import set_trainable
 
 __all__ = ["NonFiniteError", "TrainResult", "Trainer", "main", "train"]
-
-log = logging.getLogger("evip")
 
 
 class NonFiniteError(RuntimeError):

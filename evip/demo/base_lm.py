@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["BaseLM", "BaseLMConfig", "BaseLMCorpus", "build_base_lm", "build_corpus", "documentation_text",
            "perplexity"]
