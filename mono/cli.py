@@ -1,44 +1,129 @@
-"""``mono-chat``: chat with a Mono-InternVL checkpoint folder from the command line.
+"""The ``mono`` command: one subcommand per task on a Mono-InternVL checkpoint folder.
 
-    mono-chat path/to/model --image cat.jpg --question "Describe the image."
-    mono-chat path/to/model                      # interactive: one question per line, history kept
+    mono chat path/to/model --image cat.jpg "Describe the image."
+    mono chat --model path/to/model --image cat.jpg --question "Describe the image."
+    mono chat path/to/model                      # interactive: one question per line, history kept
+    mono-chat path/to/model --image cat.jpg --question "..."      # the older command, same options as `mono chat`
 
 The folder must hold the release layout (config.json + safetensors) and a tokenizer. ``--image`` may be given
 several times; each image gets its share of ``--max-tiles``.
+
+A subcommand is a :class:`Command` in :data:`COMMANDS`: a function that adds its arguments to its parser and a
+function that runs it. Each subcommand's arguments are parsed "intermixed", so positionals may follow options
+(``mono chat DIR --image F "question"``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
-import torch
+DTYPES = ("bfloat16", "float16", "float32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+@dataclass(frozen=True)
+class Command:
+    """One ``mono`` subcommand."""
+
+    name: str
+    help: str
+    """One line for ``mono --help``."""
+    configure: Callable[[argparse.ArgumentParser], None]
+    """Adds the subcommand's arguments to its parser."""
+    run: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+    """Runs it; reports usage errors with ``parser.error`` (exit status 2)."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mono-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint folder (release layout, with tokenizer files)")
-    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
-    p.add_argument("--question", help="ask one question and exit (default: interactive)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-tiles", type=int, default=None, help="tile budget (default: config max_dynamic_patch)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    """Add ``command`` to :data:`COMMANDS` (``mono <name>``)."""
+    if command.name in COMMANDS:
+        raise ValueError(f"mono: subcommand {command.name!r} is registered twice")
+    COMMANDS[command.name] = command
+    return command
+
+
+def check_model_dir(parser: argparse.ArgumentParser, path: str, *, tokenizer: bool = True) -> Path:
+    """``path`` as a checkpoint folder (config.json, weights and, with ``tokenizer``, tokenizer files), or a
+    usage error naming what is missing."""
+    folder = Path(path)
+    if not folder.exists():
+        parser.error(f"model folder '{folder}' does not exist")
+    if not folder.is_dir():
+        parser.error(f"model '{folder}' is a file; pass the checkpoint folder (config.json, *.safetensors, tokenizer)")
+    if not (folder / "config.json").is_file():
+        parser.error(f"model folder '{folder}' holds no config.json; pass a checkpoint folder in the release layout")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        parser.error(f"model folder '{folder}' holds no weights ({' or '.join(WEIGHT_FILES)})")
+    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        parser.error(f"model folder '{folder}' holds no tokenizer ({', '.join(TOKENIZER_FILES)}); save the "
+                     "tokenizer beside the model (tokenizer.save_pretrained(folder))")
+    return folder
+
+
+# ============================================================================================== mono chat
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL", help="checkpoint folder (release layout, with tokenizer files)")
+    p.add_argument("question", nargs="?", metavar="QUESTION", help="ask one question and exit (default: interactive)")
+    p.add_argument("--model", dest="model_option", metavar="DIR", help="checkpoint folder (instead of MODEL)")
+    p.add_argument("--question", dest="question_option", metavar="Q", help="the question (instead of QUESTION)")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="image file (repeat for several images)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="answer length cap (default: 256)")
+    p.add_argument("--max-tiles", type=int, default=None, metavar="N",
+                   help="tile budget (default: config max_dynamic_patch)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype (default: float32)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    args = p.parse_args(argv)
+
+
+def _resolve_chat_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fold ``--model`` / ``--question`` and the positionals into ``args.model`` and ``args.question``."""
+    positionals = [v for v in (args.model, args.question) if v is not None]
+    if args.model_option is not None:
+        # With --model, the only positional left is the question (argparse filled MODEL first).
+        if len(positionals) > 1:
+            parser.error(f"--model {args.model_option} is given, so only one positional (the question) is allowed; "
+                         f"got {positionals}")
+        model, question = args.model_option, (positionals[0] if positionals else None)
+    elif positionals:
+        model, question = positionals[0], (positionals[1] if len(positionals) > 1 else None)
+    else:
+        parser.error("give the checkpoint folder: MODEL (first positional) or --model DIR")
+    if args.question_option is not None:
+        if question is not None:
+            parser.error(f"the question is given twice: {question!r} and --question {args.question_option!r}")
+        question = args.question_option
+    if question is not None and not question.strip():
+        parser.error("the question is empty")
     if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
+        parser.error("--max-new-tokens must be >= 1")
+    if args.max_tiles is not None and args.max_tiles < 1:
+        parser.error("--max-tiles must be >= 1")
+    missing = [f for f in args.image if not Path(f).is_file()]
+    if missing:
+        parser.error(f"image file(s) not found: {', '.join(missing)}")
+    args.model = str(check_model_dir(parser, model))
+    args.question = question
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Answer ``args.question`` (or each line of stdin) about ``args.image`` with the model in ``args.model``."""
+    args = _resolve_chat_args(args, parser)
+    import torch
+
     from .modeling import MonoInternVL
     from .processing import load_images
     from .tokenization import load_tokenizer
 
-    model = MonoInternVL.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval()
+    model = MonoInternVL.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(args.model)
     pixel_values, num_patches = None, None
     if args.image:
@@ -53,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         pixel_values = pixel_values.to(model.dtype)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     history = None
-    questions = [args.question] if args.question is not None else _interactive()
+    questions = [args.question] if args.question is not None else _interactive(parser.prog)
     for question in questions:
         answer, history = model.chat(
             tokenizer, pixel_values, question, gen, history=history, return_history=True, num_patches_list=num_patches
@@ -62,13 +147,60 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interactive():
-    print("mono-chat: one question per line; an empty line or Ctrl-D ends.", file=sys.stderr)
+def _interactive(prog: str):
+    print(f"{prog}: one question per line; an empty line or Ctrl-D ends.", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             return
         yield line.rstrip("\n")
 
 
+register(Command("chat", "chat with a checkpoint about images (one question, or interactive)", _chat_arguments,
+                 run_chat))
+
+
+# ============================================================================================== entry points
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``mono`` parser and its subparsers (name -> parser), one per registered :class:`Command`."""
+    parser = argparse.ArgumentParser(
+        prog="mono", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = {}
+    for cmd in COMMANDS.values():
+        subparsers[cmd.name] = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(subparsers[cmd.name])
+    return parser, subparsers
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``mono COMMAND ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # help, or a usage error listing the commands
+        return 2
+    # The subparser parses the rest on its own, intermixed: argparse's subparser action cannot.
+    sub = subparsers[argv[0]]
+    return COMMANDS[argv[0]].run(sub.parse_intermixed_args(argv[1:]), sub)
+
+
+def chat_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``mono-chat ...``: the older name of ``mono chat`` (same arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS["chat"]
+    parser = argparse.ArgumentParser(prog="mono-chat", description=command.help)
+    command.configure(parser)
+    return command.run(parser.parse_intermixed_args(argv), parser)
+
+
+def _module_main(argv: Sequence[str]) -> int:
+    # `python -m mono.cli COMMAND ...` is `mono`; `python -m mono.cli MODEL ...` (no command) is the older
+    # `mono-chat` form, which scripts (evip.demo) still call.
+    if not argv or argv[0] in COMMANDS or argv[0] in ("-h", "--help"):
+        return main(argv)
+    return chat_main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_module_main(sys.argv[1:]))
