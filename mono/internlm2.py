@@ -342,9 +342,13 @@ def _padding_idx(config: InternLM2Config) -> int | None:
 
 
 def max_context_length(config: InternLM2Config) -> int:
-    """Longest sequence the decoder accepts: ``max_position_embeddings``, times the rope scaling factor if any."""
-    if config.rope_scaling:
-        return int(config.max_position_embeddings * float(config.rope_scaling["factor"]))
+    """Longest sequence the decoder accepts: ``max_position_embeddings``, times the rope scaling factor if any.
+
+    An unscaled RoPE may be reported as ``None`` or, by transformers 5 for Llama-family configs, as
+    ``{"rope_type": "default", ...}`` without a ``factor``."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("factor") is not None and scaling.get("rope_type", scaling.get("type")) != "default":
+        return int(config.max_position_embeddings * float(scaling["factor"]))
     return config.max_position_embeddings
 
 

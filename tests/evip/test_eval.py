@@ -282,6 +282,22 @@ def test_text_perplexity_is_deterministic_and_equal_for_plain_and_mono(chat_mode
     assert text_perplexity(llm, tok, TEXTS, seq_len=8) != first
 
 
+def test_text_perplexity_of_a_hugging_face_llama(chat_model):
+    # transformers 5 reports an unscaled Llama RoPE as {"rope_type": "default", ...} with no factor.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = chat_model
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    llm = LlamaForCausalLM(config).eval()
+    ids = torch.tensor(tok(TEXTS[0])["input_ids"])
+    with torch.no_grad():
+        by_hand = F.cross_entropy(llm(input_ids=ids[None]).logits[0, :-1].double(), ids[1:]).exp().item()
+    assert text_perplexity(llm, tok, TEXTS[:1], seq_len=64) == pytest.approx(by_hand, rel=1e-6)
+    with pytest.raises(ValueError, match="context of 64 tokens"):
+        text_perplexity(llm, tok, TEXTS, seq_len=65)
+
+
 def test_text_perplexity_errors(chat_model):
     model, tok = chat_model
     with pytest.raises(ValueError, match="exceeds the model's context"):
