@@ -16,6 +16,12 @@ Layout written under ``root`` (paths in ``manifest.json`` are relative to it)::
     */_ground_truth.jsonl   s1_3, s2, eval: the full ground truth of each scene image (training never reads it);
                            digit records carry their load_digits() index as "digit_index"
 
+Scenes come in two kinds, so that every question has one visual answer a 3-layer demo model can learn on a CPU in
+minutes: an *object* scene holds one shape (and sometimes a word) and answers colour, shape, grounding and OCR
+questions; a *group* scene holds 1..5 shapes (and sometimes a word) and answers counting, OCR and caption
+questions. S1.1/S1.2 captions describe both kinds and real digits (:data:`_PAIR_SHAPES`), so the concepts are learnt
+before the task formats of S1.3.
+
 Answers are exact strings, the same in every stage and in the evaluation: colour and shape a lowercase word
 (``red``, ``circle``), count and digit a numeral (``3``, ``7``), OCR the word (``moon``), grounding
 ``<ref>red circle</ref><box>[[x1, y1, x2, y2]]</box>`` with integers in 0..1000 (:func:`grounding_answer`), caption
@@ -47,11 +53,11 @@ from .scenes import (
 )
 
 __all__ = [
-    "DemoData", "DemoDataSizes", "EVAL_TASKS", "QUESTIONS", "STAGE_DIRS", "StageData", "grounding_answer",
+    "DemoData", "DemoDataSizes", "EVAL_TASKS", "QUESTIONS", "SCENE_KINDS", "STAGE_DIRS", "StageData", "grounding_answer",
     "load_demo_data", "parse_grounding", "scene_question", "text_corpus", "write_demo_data",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
 """Bumped whenever what is written changes, so old demo data is rewritten rather than reused."""
 
 STAGE_DIRS = {"s1.1": "s1_1", "s1.2": "s1_2", "s1.3": "s1_3", "s2": "s2"}
@@ -74,7 +80,15 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 """Question forms per task; the first is the canonical one the evaluation asks (``{ref}`` is ``colour shape``)."""
 
 _SCENE_TASKS = ("caption", "grounding", "count", "colour", "shape", "ocr")
-_S2_SCENE_TASKS = (*_SCENE_TASKS, "exists")
+SCENE_KINDS: dict[str, tuple[str, ...]] = {
+    "object": ("colour", "shape", "grounding", "ocr"),
+    "group": ("count", "ocr", "caption"),
+}
+"""Scene kind -> the tasks it is asked (S1.3 and the evaluation); S2 adds ``exists`` to both."""
+# Object scenes are close-ups (shapes twice the size): the demo model reads a colour or a shape, or a box, off
+# several visual tokens instead of one or two among sixteen, which it learnt several times faster. Group scenes
+# enlarge their shapes a little less, so five still fit.
+_KIND_SCENES = {"object": {"num_objects": 1, "word_prob": 0.3, "scale": 2.0}, "group": {"word_prob": 0.4, "scale": 1.3}}
 _STREAMS = {"s1.1": 11, "s1.2": 12, "s1.3": 13, "s2": 20, "eval": 99, "corpus": 7}
 _JPEG_QUALITY = 90
 _IRRELEVANT = (
@@ -92,14 +106,15 @@ _GROUNDING = re.compile(
 class DemoDataSizes:
     """How much of each part is written (the defaults take a few seconds on a 2-core CPU)."""
 
-    s1_1: int = 1200
-    """S1.1 image-caption pairs (alt-text captions, ``noise_share`` of them wrong or irrelevant)."""
-    s1_2: int = 1200
-    """S1.2 image-caption pairs (dense captions)."""
-    s1_3_scenes: int = 1000
-    """S1.3 scene images; each gives one sample per task it can answer (caption, grounding, count, and colour,
-    shape, OCR where the scene has a unique shape, a unique colour, a word)."""
-    s1_3_digits: int = 1000
+    s1_1: int = 1600
+    """S1.1 image-caption pairs (alt-text captions, ``noise_share`` of them wrong or irrelevant); a quarter of them
+    (``s1_1 // 4``) show a training digit, the rest scenes (object and group kinds alternating)."""
+    s1_2: int = 1600
+    """S1.2 image-caption pairs (dense captions), the same mix as S1.1."""
+    s1_3_scenes: int = 1600
+    """S1.3 scene images, object and group kinds alternating; each gives one sample per task of its kind that it
+    can answer (OCR only with a word)."""
+    s1_3_digits: int = 1500
     """S1.3 digit samples, cycling through the 1,500 training digits in a seeded order, each drawn anew (ink, size,
     offset)."""
     s2_scenes: int = 600
@@ -333,11 +348,21 @@ class _ShardWriter:
             self._tar = None
 
 
+def _digit_caption(label: int, rng: np.random.Generator, dense: bool) -> str:
+    if dense:
+        return f"A handwritten digit {label} on white paper."
+    return _pick(rng, [f"handwritten {label}", f"digit {label}", f"number {label} handwriting", f"scan of a {label}"])
+
+
 def _write_pairs(
     folder: Path, n: int, shard_size: int, rng: np.random.Generator, noise_share: Optional[float]
 ) -> dict:
-    """S1.1 (``noise_share`` > 0: alt text) or S1.2 (``noise_share`` None: dense captions) pairs."""
+    """S1.1 (``noise_share`` > 0: alt text) or S1.2 (``noise_share`` None: dense captions) pairs: ``n // 4`` real
+    training digits at seeded positions, scenes of both kinds (alternating) elsewhere."""
     folder.mkdir(parents=True)
+    is_digit = np.zeros(n, dtype=bool)
+    is_digit[rng.permutation(n)[: n // 4]] = True
+    digits = iter(_train_digits(int(is_digit.sum()), rng))
     kinds = ["accurate"] * n
     if noise_share is not None:
         # Exactly round(share * n) noisy captions at seeded positions, half wrong, half irrelevant.
@@ -345,8 +370,24 @@ def _write_pairs(
         for j, i in enumerate(noisy):
             kinds[int(i)] = "wrong" if j % 2 == 0 else "irrelevant"
     writer = _ShardWriter(folder, shard_size)
+    scenes = 0
     for i, kind in enumerate(kinds):
-        scene = sample_scene(rng)
+        if is_digit[i]:
+            index = next(digits)
+            label = digit_label(index)
+            image = render_digit(index, rng)
+            if noise_share is None or kind == "accurate":
+                caption = _digit_caption(label, rng, dense=noise_share is None)
+            elif kind == "wrong":
+                caption = _digit_caption(_pick(rng, [d for d in range(10) if d != label]), rng, dense=False)
+            else:
+                caption = _irrelevant_text(rng)
+            meta = {"caption_kind": kind, "digit_index": index, "digit": label}
+            writer.add([(f"{i:06d}.jpg", _jpeg(image)), (f"{i:06d}.txt", caption.encode() + b"\n"),
+                        (f"{i:06d}.json", json.dumps(meta).encode())])
+            continue
+        scene = sample_scene(rng, **_KIND_SCENES["object" if scenes % 2 == 0 else "group"])
+        scenes += 1
         if noise_share is None:
             caption = scene.caption()
         elif kind == "accurate":
@@ -359,7 +400,7 @@ def _write_pairs(
         writer.add([(f"{i:06d}.jpg", _jpeg(render_scene(scene))), (f"{i:06d}.txt", caption.encode() + b"\n"),
                     (f"{i:06d}.json", json.dumps(meta).encode())])
     writer.close()
-    counts = {"samples": n}
+    counts = {"samples": n, "digits": int(is_digit.sum())}
     if noise_share is not None:
         counts.update({k: kinds.count(k) for k in ("accurate", "wrong", "irrelevant")})
     return counts
@@ -386,11 +427,12 @@ def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) ->
     lines: dict[str, list[str]] = {task: [] for task in (*_SCENE_TASKS, "digit")}
     truth = []
     for i in range(sizes.s1_3_scenes):
-        scene = sample_scene(rng)
+        kind = "object" if i % 2 == 0 else "group"
+        scene = sample_scene(rng, **_KIND_SCENES[kind])
         image = f"scene-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_scene(scene)))
-        truth.append(json.dumps({"image": image, **scene.to_json()}))
-        for task in _SCENE_TASKS:
+        truth.append(json.dumps({"image": image, "kind": kind, **scene.to_json()}))
+        for task in SCENE_KINDS[kind]:
             qa = scene_question(task, scene, rng)
             if qa is not None:
                 lines[task].append(_llava(f"{task}-{i:06d}", [("<image>\n" + qa[0], qa[1])], image))
@@ -411,11 +453,13 @@ def _write_s2(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) -> d
     lines: dict[str, list[str]] = {"scenes": [], "digits": [], "text": []}
     truth = []
     for i in range(sizes.s2_scenes):
-        scene = sample_scene(rng)
+        kind = "object" if i % 2 == 0 else "group"
+        scene = sample_scene(rng, **_KIND_SCENES[kind])
         image = f"scene-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_scene(scene)))
-        truth.append(json.dumps({"image": image, **scene.to_json()}))
-        candidates = [qa for qa in (scene_question(t, scene, rng) for t in _S2_SCENE_TASKS) if qa is not None]
+        truth.append(json.dumps({"image": image, "kind": kind, **scene.to_json()}))
+        tasks = (*SCENE_KINDS[kind], "exists")
+        candidates = [qa for qa in (scene_question(t, scene, rng) for t in tasks) if qa is not None]
         chosen = [candidates[int(j)] for j in rng.permutation(len(candidates))[: int(rng.integers(2, 4))]]
         turns = [(("<image>\n" if j == 0 else "") + q, a) for j, (q, a, _) in enumerate(chosen)]
         lines["scenes"].append(_llava(f"scene-{i:06d}", turns, image))
@@ -443,10 +487,11 @@ def _write_eval(folder: Path, per_task: int, rng: np.random.Generator) -> dict:
         tries += 1
         if tries > 100 * per_task:
             raise RuntimeError(f"evaluation scenes: {tries} scenes did not give {per_task} questions per task")
-        scene = sample_scene(rng)
+        kind = "object" if tries % 2 == 1 else "group"
+        scene = sample_scene(rng, **_KIND_SCENES[kind])
         image = f"images/scene-{len(scenes):06d}.jpg"
         asked = False
-        for task in _SCENE_TASKS:
+        for task in SCENE_KINDS[kind]:
             if len(rows[task]) < per_task:
                 qa = scene_question(task, scene, rng, canonical=True)
                 if qa is not None:
@@ -459,7 +504,7 @@ def _write_eval(folder: Path, per_task: int, rng: np.random.Generator) -> dict:
                     asked = True
         if asked:
             (folder / image).write_bytes(_jpeg(render_scene(scene)))
-            scenes.append(json.dumps({"image": image, **scene.to_json()}))
+            scenes.append(json.dumps({"image": image, "kind": kind, **scene.to_json()}))
     held_out = rng.permutation(digit_indices("held_out"))[:per_task]
     for k, index in enumerate(held_out):
         image = f"images/digit-{k:06d}.jpg"

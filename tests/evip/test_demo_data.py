@@ -18,7 +18,7 @@ from PIL import Image
 from evip.data.check import check_dataset
 from evip.data.sources import build_sources
 from evip.demo.datasets import (
-    EVAL_TASKS, QUESTIONS, DemoDataSizes, grounding_answer, load_demo_data, parse_grounding, text_corpus,
+    EVAL_TASKS, QUESTIONS, SCENE_KINDS, DemoDataSizes, grounding_answer, load_demo_data, parse_grounding, text_corpus,
     write_demo_data,
 )
 from evip.demo.scenes import (
@@ -139,7 +139,13 @@ def test_manifest_counts_match_the_files(demo):
     for task, path in demo.eval_files.items():
         assert demo.counts["eval"][task] == len(_jsonl(path)) == SMALL.eval_per_task
     assert demo.counts["s1.3"]["digit"] == SMALL.s1_3_digits
-    assert demo.counts["s1.3"]["caption"] == demo.counts["s1.3"]["count"] == SMALL.s1_3_scenes
+    # Object and group scenes alternate: every object scene gives colour, shape and grounding, every group scene
+    # count and caption.
+    for task in ("colour", "shape", "grounding"):
+        assert demo.counts["s1.3"][task] == (SMALL.s1_3_scenes + 1) // 2
+    assert demo.counts["s1.3"]["caption"] == demo.counts["s1.3"]["count"] == SMALL.s1_3_scenes // 2
+    for stage, size in (("s1.1", SMALL.s1_1), ("s1.2", SMALL.s1_2)):
+        assert demo.counts[stage]["digits"] == size // 4
 
 
 # ---------------------------------------------------------------------------------------------------- ground truth
@@ -176,6 +182,8 @@ def test_eval_answers_follow_from_the_ground_truth(demo):
                 continue
             t = truth[row["image"]]
             objects = t["objects"]
+            assert task in SCENE_KINDS[t["kind"]]
+            assert t["kind"] == "group" or len(objects) == 1
             if task == "count":
                 assert row["question"] == QUESTIONS["count"][0] and row["answer"] == str(len(objects))
             elif task == "colour":
@@ -212,7 +220,16 @@ def test_training_answers_follow_from_the_ground_truth(demo):
         assert row["conversations"][1]["value"] == str(truth[row["image"]]["count"])
     for row in _jsonl(folder / "ocr.jsonl"):
         assert row["conversations"][1]["value"] == truth[row["image"]]["word"]
-    for record in _shard_records(demo.stages["s1.2"].path):
+    records = _shard_records(demo.stages["s1.2"].path)
+    digits = [r for r in records if "digit" in r["meta"]]
+    assert len(digits) == SMALL.s1_2 // 4
+    for record in digits:
+        assert record["meta"]["digit_index"] < DIGITS_HELD_OUT_START
+        assert record["caption"] == f"A handwritten digit {record['meta']['digit']} on white paper."
+        assert record["meta"]["digit"] == digit_label(record["meta"]["digit_index"])
+    for record in records:
+        if "digit" in record["meta"]:
+            continue
         scene = record["meta"]["scene"]
         _check_scene_truth(scene, Image.open(io.BytesIO(record["image"])))
         for o in scene["objects"]:
@@ -267,6 +284,8 @@ def test_held_out_digits_and_scenes_never_reach_training(demo):
     train_indices = [r["digit_index"] for path in digit_files for r in _jsonl(path)]
     eval_indices = [r["digit_index"] for r in _jsonl(demo.eval_files["digit"])]
     assert len(train_indices) == SMALL.s1_3_digits + SMALL.s2_digits
+    train_indices += [r["meta"]["digit_index"] for stage in ("s1.1", "s1.2")
+                      for r in _shard_records(demo.stages[stage].path) if "digit" in r["meta"]]
     assert max(train_indices) < DIGITS_HELD_OUT_START <= min(eval_indices)
     for path in (demo.root / "s1_3" / "digit.jsonl",):
         for r in _jsonl(path):
@@ -290,10 +309,18 @@ def test_noisy_captions_are_the_stated_share_and_really_wrong(tmp_path, demo, sh
     kinds = [r["meta"]["caption_kind"] for r in records]
     noisy = round(share * SMALL.s1_1)
     assert len(records) == SMALL.s1_1 and len(kinds) - kinds.count("accurate") == noisy
-    assert data.counts["s1.1"] == {"samples": SMALL.s1_1, "accurate": SMALL.s1_1 - noisy,
+    assert data.counts["s1.1"] == {"samples": SMALL.s1_1, "digits": SMALL.s1_1 // 4, "accurate": SMALL.s1_1 - noisy,
                                    "wrong": (noisy + 1) // 2, "irrelevant": noisy // 2}
     assert json.loads(data.manifest.read_text())["noisy_captions"] == noisy
     for record in records:
+        if "digit" in record["meta"]:  # a digit: accurate names it, wrong names another one
+            label, caption, kind = record["meta"]["digit"], record["caption"], record["meta"]["caption_kind"]
+            said = re.findall(r"\b\d\b", caption)
+            if kind == "accurate":
+                assert said == [str(label)]
+            elif kind == "wrong":
+                assert said and said != [str(label)]
+            continue
         scene, caption = record["meta"]["scene"], record["caption"]
         present = {f"{o['colour']} {o['shape']}" for o in scene["objects"]}
         named = {" ".join(m) for m in NAMES.findall(caption)}
