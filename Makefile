@@ -27,7 +27,7 @@ test-quick: $(STAMP)
 	$(BIN)/python scripts/run_tests.py --tiers quick
 
 demo: $(STAMP)
-	$(BIN)/python -m mono.demo
+	$(BIN)/python -m evip.demo
 
 clean:
 	rm -rf $(VENV) .test-results .cache

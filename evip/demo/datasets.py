@@ -114,9 +114,9 @@ class DemoDataSizes:
     s1_3_scenes: int = 1600
     """S1.3 scene images, object and group kinds alternating; each gives one sample per task of its kind that it
     can answer (OCR only with a word)."""
-    s1_3_digits: int = 1500
+    s1_3_digits: int = 3000
     """S1.3 digit samples, cycling through the 1,500 training digits in a seeded order, each drawn anew (ink, size,
-    offset)."""
+    offset): the default shows every training digit twice."""
     s2_scenes: int = 600
     """S2 conversations of 2-3 turns about one scene."""
     s2_digits: int = 300

@@ -108,15 +108,15 @@ def run_demo(out: Path, *, quick: bool = False, ablation: bool = False, log=prin
 
 
 def chat_about_held_out_image(model_dir: Path, eval_dir: Path, log=print) -> str:
-    """Ask the final model, through the ``mono-chat`` command line, the first held-out colour question."""
+    """Ask the final model, through the ``mono chat`` command line, the first held-out colour question."""
     import subprocess
     import sys
 
     record = json.loads((eval_dir / "colour.jsonl").read_text().splitlines()[0])
     image = eval_dir / record["image"]
-    cmd = [sys.executable, "-m", "mono.cli", str(model_dir), "--image", str(image), "--question", record["question"],
-           "--max-new-tokens", "32", "--max-tiles", "4"]
-    log(f"$ mono-chat {model_dir} --image {image} --question {record['question']!r}")
+    cmd = [sys.executable, "-m", "mono.cli", "chat", "--model", str(model_dir), "--image", str(image),
+           record["question"], "--max-new-tokens", "32", "--max-tiles", "4"]
+    log(f"$ mono chat --model {model_dir} --image {image} {record['question']!r}")
     answer = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
     log(f"{answer}\n(expected: {record['answer']})")
     return answer
