@@ -45,6 +45,9 @@ class _FieldPreservingConfig(PreTrainedConfig):
         # Only `dtype` goes through transformers' own init; it is re-emitted under the release key.
         super().__init__(dtype=dtype if dtype is not None else torch_dtype)
         self._extra_fields = {k: copy.deepcopy(v) for k, v in extra.items() if k != "transformers_version"}
+        if "auto_map" in self._extra_fields:
+            # transformers' Auto classes look for remote code in the attribute `config.auto_map`, not in the file.
+            self.auto_map = copy.deepcopy(self._extra_fields["auto_map"])
         # Kept as read (even null); configs we create record the transformers version that wrote them.
         self._source_transformers_version = extra.get("transformers_version", _transformers_version)
         self._had_name_or_path = name_or_path is not None
@@ -58,6 +61,8 @@ class _FieldPreservingConfig(PreTrainedConfig):
         """Every field: the preserved ones as read, the typed ones as currently set."""
         out: dict[str, Any] = dict(copy.deepcopy(self._extra_fields))
         out.update(self._typed_dict())
+        if getattr(self, "auto_map", None) is not None:
+            out["auto_map"] = copy.deepcopy(self.auto_map)
         out["model_type"] = self.model_type
         if self.dtype is not None:
             out["torch_dtype"] = str(self.dtype).removeprefix("torch.")
