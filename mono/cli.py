@@ -3,6 +3,10 @@
     mono chat path/to/model --image cat.jpg "Describe the image."
     mono chat --model path/to/model --image cat.jpg --question "Describe the image."
     mono chat path/to/model                      # interactive: one question per line, history kept
+    mono chat http://127.0.0.1:23333 --image cat.jpg "Describe the image."   # a running `mono serve` / LMDeploy
+    mono export RUN_OR_CHECKPOINT OUT_DIR        # release layout + HF remote code (see mono/deploy/export.py)
+    mono serve OUT_DIR [--engine lmdeploy|own]   # OpenAI-compatible server
+    mono bench-serve OUT_DIR                     # TTFT and tokens/s: LMDeploy vs this project's generate
     mono-chat path/to/model --image cat.jpg --question "..."      # the older command, same options as `mono chat`
 
 The folder must hold the release layout (config.json + safetensors) and a tokenizer. ``--image`` may be given
@@ -70,7 +74,8 @@ def check_model_dir(parser: argparse.ArgumentParser, path: str, *, tokenizer: bo
 
 # ============================================================================================== mono chat
 def _chat_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL", help="checkpoint folder (release layout, with tokenizer files)")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="checkpoint folder (release layout, with tokenizer files), or the http:// URL of a server")
     p.add_argument("question", nargs="?", metavar="QUESTION", help="ask one question and exit (default: interactive)")
     p.add_argument("--model", dest="model_option", metavar="DIR", help="checkpoint folder (instead of MODEL)")
     p.add_argument("--question", dest="question_option", metavar="Q", help="the question (instead of QUESTION)")
@@ -81,6 +86,7 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
                    help="tile budget (default: config max_dynamic_patch)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype (default: float32)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--api-key", default=None, help="server only: bearer token, if the server wants one")
 
 
 def _resolve_chat_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -109,7 +115,9 @@ def _resolve_chat_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     missing = [f for f in args.image if not Path(f).is_file()]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")
-    args.model = str(check_model_dir(parser, model))
+    from .deploy.client import is_url
+
+    args.model = model if is_url(model) else str(check_model_dir(parser, model))
     args.question = question
     return args
 
@@ -117,6 +125,10 @@ def _resolve_chat_args(args: argparse.Namespace, parser: argparse.ArgumentParser
 def run_chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Answer ``args.question`` (or each line of stdin) about ``args.image`` with the model in ``args.model``."""
     args = _resolve_chat_args(args, parser)
+    from .deploy.client import is_url
+
+    if is_url(args.model):
+        return _chat_server(args, parser)
     import torch
 
     from .modeling import MonoInternVL
@@ -147,6 +159,29 @@ def run_chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _chat_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``mono chat URL``: the same conversation through a running OpenAI-compatible server."""
+    from .deploy.client import ServerClient, ServerError
+    from .deploy.openai_api import user_message
+
+    if args.max_tiles is not None:
+        parser.error("--max-tiles applies to a local folder; the server's own setting decides its tile budget")
+    client = ServerClient(args.model, api_key=args.api_key)
+    messages: list[dict] = []
+    questions = [args.question] if args.question is not None else _interactive(parser.prog)
+    for question in questions:
+        messages.append(user_message(question, args.image if not messages else []))
+        try:
+            body = client.chat(messages, max_tokens=args.max_new_tokens, temperature=1.0 if args.sample else 0.0)
+        except ServerError as exc:
+            print(f"{parser.prog}: {exc}", file=sys.stderr)
+            return 1
+        answer = body["choices"][0]["message"]["content"] or ""
+        messages.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+    return 0
+
+
 def _interactive(prog: str):
     print(f"{prog}: one question per line; an empty line or Ctrl-D ends.", file=sys.stderr)
     for line in sys.stdin:
@@ -155,13 +190,31 @@ def _interactive(prog: str):
         yield line.rstrip("\n")
 
 
-register(Command("chat", "chat with a checkpoint about images (one question, or interactive)", _chat_arguments,
-                 run_chat))
+register(Command("chat", "chat with a checkpoint or a server about images (one question, or interactive)",
+                 _chat_arguments, run_chat))
+
+
+# ============================================================================================== deployment
+# Each command imports its module only when it runs, so `mono --help` and `mono chat` stay light.
+def _lazy(module: str, configure: str, run: str) -> tuple[Callable, Callable]:
+    import importlib
+
+    return (lambda p: getattr(importlib.import_module(module), configure)(p),
+            lambda a, p: getattr(importlib.import_module(module), run)(a, p))
+
+
+register(Command("export", "write a deployable release-layout folder (bf16 shards, HF remote code, tokenizer)",
+                 *_lazy("mono.deploy.export", "add_export_arguments", "run_export")))
+register(Command("serve", "serve an exported folder over the OpenAI API (LMDeploy, or this project's engine)",
+                 *_lazy("mono.deploy.serve", "add_serve_arguments", "run_serve")))
+register(Command("bench-serve", "time to first token and tokens/s: LMDeploy vs this project's generate",
+                 *_lazy("benchmarks.serve", "add_arguments", "run")))
 
 
 # ============================================================================================== entry points
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The ``mono`` parser and its subparsers (name -> parser), one per registered :class:`Command`."""
+def build_parser(only: Optional[Sequence[str]] = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``mono`` parser and its subparsers (name -> parser), one per registered :class:`Command`; with ``only``,
+    just those subcommands get their arguments (the others are listed by name: their modules are not imported)."""
     parser = argparse.ArgumentParser(
         prog="mono", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -169,14 +222,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subparsers = {}
     for cmd in COMMANDS.values():
         subparsers[cmd.name] = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cmd.configure(subparsers[cmd.name])
+        if only is None or cmd.name in only:
+            cmd.configure(subparsers[cmd.name])
     return parser, subparsers
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``mono COMMAND ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, subparsers = build_parser()
+    parser, subparsers = build_parser(only=argv[:1])
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # help, or a usage error listing the commands
         return 2
