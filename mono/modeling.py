@@ -10,6 +10,7 @@ parameter names and shapes; ``config.json`` is written as ``InternVLChatModel`` 
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -215,14 +216,16 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("pad_token_id", self._pad_token_id())
+        # The checkpoint's generation_config.json (model.generation_config) unless the caller passes one, updated
+        # with the generation options given here (one object: transformers warns when given both).
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        other = config.update(use_cache=True, **generate_kwargs)
         return self.language_model.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             visual_token_mask=mask,
-            # The checkpoint's generation_config.json (model.generation_config) unless the caller passes one.
-            generation_config=generation_config if generation_config is not None else self.generation_config,
-            use_cache=True,
-            **generate_kwargs,
+            generation_config=config,
+            **other,
         )
 
     def _pad_token_id(self) -> int:
