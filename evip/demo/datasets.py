@@ -57,7 +57,7 @@ __all__ = [
     "load_demo_data", "parse_grounding", "scene_question", "text_corpus", "write_demo_data",
 ]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Bumped whenever what is written changes, so old demo data is rewritten rather than reused."""
 
 STAGE_DIRS = {"s1.1": "s1_1", "s1.2": "s1_2", "s1.3": "s1_3", "s2": "s2"}
@@ -85,10 +85,10 @@ SCENE_KINDS: dict[str, tuple[str, ...]] = {
     "group": ("count", "ocr", "caption"),
 }
 """Scene kind -> the tasks it is asked (S1.3 and the evaluation); S2 adds ``exists`` to both."""
-# Object scenes are close-ups (shapes twice the size): the demo model reads a colour or a shape, or a box, off
+# Object scenes are close-ups (shapes 2.5x the size): the demo model reads a colour or a shape, or a box, off
 # several visual tokens instead of one or two among sixteen, which it learnt several times faster. Group scenes
-# enlarge their shapes a little less, so five still fit.
-_KIND_SCENES = {"object": {"num_objects": 1, "word_prob": 0.3, "scale": 2.0}, "group": {"word_prob": 0.4, "scale": 1.3}}
+# enlarge their shapes less (1.6x), so five still fit.
+_KIND_SCENES = {"object": {"num_objects": 1, "word_prob": 0.3, "scale": 2.5}, "group": {"word_prob": 0.4, "scale": 1.6}}
 _STREAMS = {"s1.1": 11, "s1.2": 12, "s1.3": 13, "s2": 20, "eval": 99, "corpus": 7}
 _JPEG_QUALITY = 90
 _IRRELEVANT = (
@@ -111,12 +111,12 @@ class DemoDataSizes:
     (``s1_1 // 4``) show a training digit, the rest scenes (object and group kinds alternating)."""
     s1_2: int = 1600
     """S1.2 image-caption pairs (dense captions), the same mix as S1.1."""
-    s1_3_scenes: int = 1600
-    """S1.3 scene images, object and group kinds alternating; each gives one sample per task of its kind that it
-    can answer (OCR only with a word)."""
+    s1_3_scenes: int = 4800
+    """S1.3 scene images, object and group kinds alternating; each is one multi-turn sample asking every task of
+    its kind it can answer (OCR only with a word), in random order: the image is encoded once for 2-4 answers."""
     s1_3_digits: int = 3000
     """S1.3 digit samples, cycling through the 1,500 training digits in a seeded order, each drawn anew (ink, size,
-    offset): the default shows every training digit twice."""
+    offset), listed twice in meta.json (``repeat_time`` 2): an epoch shows every training digit four times."""
     s2_scenes: int = 600
     """S2 conversations of 2-3 turns about one scene."""
     s2_digits: int = 300
@@ -406,13 +406,15 @@ def _write_pairs(
     return counts
 
 
-def _write_meta(folder: Path, lines: dict[str, list[str]]) -> None:
-    """One meta entry per non-empty ``lines`` list -> ``<name>.jsonl``, images under ``images/``."""
+def _write_meta(folder: Path, lines: dict[str, list[str]], repeats: Optional[dict[str, int]] = None) -> None:
+    """One meta entry per non-empty ``lines`` list -> ``<name>.jsonl``, images under ``images/``; ``repeats`` sets
+    an entry's ``repeat_time`` (default 1)."""
     meta = {}
     for name, rows in lines.items():
         if rows:
             (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-            meta[name] = {"root": "images", "annotation": f"{name}.jsonl", "repeat_time": 1, "length": len(rows)}
+            meta[name] = {"root": "images", "annotation": f"{name}.jsonl",
+                          "repeat_time": (repeats or {}).get(name, 1), "length": len(rows)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -424,7 +426,7 @@ def _train_digits(n: int, rng: np.random.Generator) -> list[int]:
 
 def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) -> dict:
     (folder / "images").mkdir(parents=True)
-    lines: dict[str, list[str]] = {task: [] for task in (*_SCENE_TASKS, "digit")}
+    lines: dict[str, list[str]] = {"objects": [], "groups": [], "digit": []}
     truth = []
     for i in range(sizes.s1_3_scenes):
         kind = "object" if i % 2 == 0 else "group"
@@ -432,10 +434,10 @@ def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) ->
         image = f"scene-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_scene(scene)))
         truth.append(json.dumps({"image": image, "kind": kind, **scene.to_json()}))
-        for task in SCENE_KINDS[kind]:
-            qa = scene_question(task, scene, rng)
-            if qa is not None:
-                lines[task].append(_llava(f"{task}-{i:06d}", [("<image>\n" + qa[0], qa[1])], image))
+        qas = [qa for qa in (scene_question(t, scene, rng) for t in SCENE_KINDS[kind]) if qa is not None]
+        qas = [qas[int(j)] for j in rng.permutation(len(qas))]
+        turns = [(("<image>\n" if j == 0 else "") + q, a) for j, (q, a, _) in enumerate(qas)]
+        lines[f"{kind}s"].append(_llava(f"{kind}-{i:06d}", turns, image))
     for i, index in enumerate(_train_digits(sizes.s1_3_digits, rng)):
         image = f"digit-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_digit(index, rng)))
@@ -443,7 +445,7 @@ def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) ->
         lines["digit"].append(
             _llava(f"digit-{i:06d}", [(question, str(digit_label(index)))], image, digit_index=index)
         )
-    _write_meta(folder, lines)
+    _write_meta(folder, lines, repeats={"digit": 2})
     (folder / "_ground_truth.jsonl").write_text("".join(t + "\n" for t in truth), encoding="utf-8")
     return {task: len(rows) for task, rows in lines.items()} | {"images": sizes.s1_3_scenes + sizes.s1_3_digits}
 

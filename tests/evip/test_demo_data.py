@@ -139,11 +139,16 @@ def test_manifest_counts_match_the_files(demo):
     for task, path in demo.eval_files.items():
         assert demo.counts["eval"][task] == len(_jsonl(path)) == SMALL.eval_per_task
     assert demo.counts["s1.3"]["digit"] == SMALL.s1_3_digits
-    # Object and group scenes alternate: every object scene gives colour, shape and grounding, every group scene
-    # count and caption.
-    for task in ("colour", "shape", "grounding"):
-        assert demo.counts["s1.3"][task] == (SMALL.s1_3_scenes + 1) // 2
-    assert demo.counts["s1.3"]["caption"] == demo.counts["s1.3"]["count"] == SMALL.s1_3_scenes // 2
+    assert meta["digit"]["repeat_time"] == 2 and meta["objects"]["repeat_time"] == meta["groups"]["repeat_time"] == 1
+    # Object and group scenes alternate, one multi-turn sample each: object scenes ask colour, shape and grounding
+    # (and OCR with a word), group scenes count and caption (and OCR); the image comes with the first turn only.
+    assert demo.counts["s1.3"]["objects"] == (SMALL.s1_3_scenes + 1) // 2
+    assert demo.counts["s1.3"]["groups"] == SMALL.s1_3_scenes // 2
+    for name, least in (("objects", 3), ("groups", 2)):
+        for row in _jsonl(demo.root / "s1_3" / f"{name}.jsonl"):
+            humans = [t["value"] for t in row["conversations"][0::2]]
+            assert len(humans) >= least and humans[0].startswith("<image>\n")
+            assert not any("<image>" in h for h in humans[1:])
     for stage, size in (("s1.1", SMALL.s1_1), ("s1.2", SMALL.s1_2)):
         assert demo.counts[stage]["digits"] == size // 4
 
@@ -212,14 +217,25 @@ def test_training_answers_follow_from_the_ground_truth(demo):
     assert len(truth) == SMALL.s1_3_scenes
     for image, t in truth.items():
         _check_scene_truth(t, Image.open(folder / "images" / image))
-    for row in _jsonl(folder / "grounding.jsonl"):
-        ref, box = parse_grounding(row["conversations"][1]["value"])
-        (match,) = [o for o in truth[row["image"]]["objects"] if f"{o['colour']} {o['shape']}" == ref]
-        assert match["box_1000"] == list(box) and ref in row["conversations"][0]["value"]
-    for row in _jsonl(folder / "count.jsonl"):
-        assert row["conversations"][1]["value"] == str(truth[row["image"]]["count"])
-    for row in _jsonl(folder / "ocr.jsonl"):
-        assert row["conversations"][1]["value"] == truth[row["image"]]["word"]
+    seen = {"grounding": 0, "count": 0, "ocr": 0}
+    for row in _jsonl(folder / "objects.jsonl") + _jsonl(folder / "groups.jsonl"):
+        t = truth[row["image"]]
+        turns = row["conversations"]
+        for question, answer in zip((x["value"].removeprefix("<image>\n") for x in turns[0::2]),
+                                    (x["value"] for x in turns[1::2])):
+            grounded = parse_grounding(answer)
+            if grounded is not None:
+                ref, box = grounded
+                (match,) = [o for o in t["objects"] if f"{o['colour']} {o['shape']}" == ref]
+                assert match["box_1000"] == list(box) and ref in question
+                seen["grounding"] += 1
+            elif question in QUESTIONS["count"]:
+                assert answer == str(t["count"])
+                seen["count"] += 1
+            elif question in QUESTIONS["ocr"]:
+                assert answer == t["word"]
+                seen["ocr"] += 1
+    assert seen["grounding"] == (SMALL.s1_3_scenes + 1) // 2 and seen["count"] == SMALL.s1_3_scenes // 2
     records = _shard_records(demo.stages["s1.2"].path)
     digits = [r for r in records if "digit" in r["meta"]]
     assert len(digits) == SMALL.s1_2 // 4
