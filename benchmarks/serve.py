@@ -16,6 +16,7 @@ so every engine does the same work. Per request: TTFT (submit to first generated
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
 import sys
@@ -231,11 +232,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, log: Callable
             log(f"  ERROR {name}: {results[name]['reason']}")
     device = torch.device("cuda" if cuda else "cpu")
     env = environment(device)
-    try:
-        import lmdeploy
-
-        env["lmdeploy"] = lmdeploy.__version__
-    except ImportError:
+    try:  # the version only: importing lmdeploy changes PIL settings process-wide
+        env["lmdeploy"] = importlib.metadata.version("lmdeploy")
+    except importlib.metadata.PackageNotFoundError:
         env["lmdeploy"] = None
     import transformers
 

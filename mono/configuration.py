@@ -212,6 +212,13 @@ class InternLM2Config(_FieldPreservingConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @head_dim.setter
+    def head_dim(self, value: int) -> None:
+        # Loaders (LMDeploy's config builder) assign it back; only the value the shape implies is accepted.
+        if int(value) != self.hidden_size // self.num_attention_heads:
+            raise ValueError(f"head_dim {value} != hidden_size // num_attention_heads = "
+                             f"{self.hidden_size // self.num_attention_heads}; InternLM2 derives it from those")
+
     @property
     def has_visual_experts(self) -> bool:
         return self.architectures[0] == MONO_LLM_ARCHITECTURE
@@ -304,6 +311,7 @@ class MonoInternVLConfig(_FieldPreservingConfig):
         self.vision_config = _as_config(vision_config, PatchEmbedConfig, "vision_config")
         self.llm_config = _as_config(llm_config, InternLM2Config, "llm_config")
         self._init_preserving(kwargs)
+        self.architectures = ["InternVLChatModel"]  # what loaders read (LMDeploy: hf_config.architectures[0])
         self.downsample_ratio = float(downsample_ratio)
         self.force_image_size = force_image_size
         self.select_layer = select_layer

@@ -4,9 +4,10 @@
     mono serve out_dir --engine own          # this project's own generate (CPU or GPU), same API
     mono serve out_dir --dry-run             # print what would be started and exit
 
-The LMDeploy engine runs in bfloat16 (fp16 is refused: Mono-InternVL overflows in it), with the chat template
-``internvl2-internlm2`` (the text of ``internlm2-chat``). On LMDeploy >= 0.15, where Mono-InternVL was removed,
-:mod:`mono.deploy.lmdeploy` registers this project's implementation first; 0.6.3-0.14.x load the folder natively.
+The LMDeploy engine runs in bfloat16 (fp16 is refused: Mono-InternVL overflows in it), with the folder's chat template
+(``internlm2-chat``, LMDeploy's ``internvl2-internlm2``). From LMDeploy 0.12.2 on (its own Mono-InternVL breaks there
+and was removed in 0.15) :mod:`mono.deploy.lmdeploy` registers this project's implementation first; 0.6.3-0.12.1
+load the folder natively.
 Query it with ``mono chat http://HOST:PORT --image F "question"`` or any OpenAI client.
 """
 
@@ -86,7 +87,7 @@ def serve_plan(args: argparse.Namespace) -> dict[str, Any]:
         registration=mld.needs_registration(),
         backend="pytorch",
         backend_config={k: v for k, v in vars(config).items() if not k.startswith("_")},
-        chat_template=mld.chat_template_config().model_name,
+        chat_template=mld.chat_template_config(str(folder)).model_name,
     )
     return plan
 
@@ -102,8 +103,8 @@ def _serve_lmdeploy(args: argparse.Namespace, plan: dict[str, Any]) -> int:
           f"(model {plan['model_name']!r}, bfloat16, template {plan['chat_template']})", file=sys.stderr, flush=True)
     serve(plan["model"], model_name=plan["model_name"], backend="pytorch",
           backend_config=mld.engine_config(dtype=plan["backend_config"]["dtype"], **overrides),
-          chat_template_config=mld.chat_template_config(), server_name=args.host, server_port=args.port,
-          log_level=args.log_level, api_keys=args.api_keys)
+          chat_template_config=mld.chat_template_config(plan["model"]), server_name=args.host, server_port=args.port,
+          log_level=args.log_level, api_keys=args.api_keys, trust_remote_code=True)
     return 0
 
 
