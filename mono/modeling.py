@@ -418,4 +418,8 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         return mono_from_llm(llm, **kwargs)
 
 
-__all__ = ["InternLM2Config", "MonoInternVL", "MonoInternVLConfig", "MonoInternVLOutput"]
+InternVLChatModel = MonoInternVL
+"""The release's class name (its ``config.json`` architecture): exported ``auto_map`` entries name it, because
+LMDeploy 0.6.3-0.12.1 resolve a folder's ``auto_map`` by class name and know only ``InternVLChatModel``."""
+
+__all__ = ["InternLM2Config", "InternVLChatModel", "MonoInternVL", "MonoInternVLConfig", "MonoInternVLOutput"]

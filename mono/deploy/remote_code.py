@@ -57,8 +57,9 @@ OWN_PACKAGES = frozenset({"mono", "kernels", "evip", "benchmarks"})
 
 AUTO_MAP = {
     "AutoConfig": f"{MONO_MODULES['configuration']}.MonoInternVLConfig",
-    "AutoModel": f"{MONO_MODULES['modeling']}.MonoInternVL",
-    "AutoModelForCausalLM": f"{MONO_MODULES['modeling']}.MonoInternVL",
+    # The release's class name (an alias of MonoInternVL): LMDeploy 0.6.3-0.12.1 match auto_map by class name.
+    "AutoModel": f"{MONO_MODULES['modeling']}.InternVLChatModel",
+    "AutoModelForCausalLM": f"{MONO_MODULES['modeling']}.InternVLChatModel",
 }
 
 # transformers copies a remote-code file's siblings only when they appear in a `from .name import ...` line
