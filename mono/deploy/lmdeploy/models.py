@@ -227,13 +227,8 @@ class MonoInternLM2VEForCausalLM(nn.Module, DeployModelMixinV1, CudaGraphMixin):
     def prepare_inputs_for_generation(self, past_key_values: list, inputs_embeds: torch.Tensor | None = None,
                                       context: StepContext = None) -> dict[str, Any]:
         input_ids = context.input_ids
-        visual_rows = text_rows = None
-        if context.input_embeddings is not None and len(context.input_embeddings) > 0:
-            indexing = context.input_embedding_indexing
-            if inputs_embeds is None:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds[:, indexing, :] = context.input_embeddings.to(inputs_embeds)
-            visual_rows, text_rows = _rows_from_index(indexing, input_ids.shape[-1])
+        inputs_embeds, visual_rows, text_rows = _scatter_input_embeddings(
+            context, input_ids, inputs_embeds, self.get_input_embeddings())
         return dict(input_ids=input_ids, position_ids=context.position_ids, past_key_values=past_key_values,
                     attn_metadata=context.attn_metadata, inputs_embeds=inputs_embeds, visual_rows=visual_rows,
                     text_rows=text_rows)
@@ -260,6 +255,19 @@ class MonoInternLM2VEForCausalLM(nn.Module, DeployModelMixinV1, CudaGraphMixin):
                 load_weight(param, tensor)
             else:
                 load_weight(param, tensor, shard_id=shard)
+
+
+def _scatter_input_embeddings(context, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None,
+                              embed: nn.Module) -> tuple[torch.Tensor | None, Any, Any]:
+    """Put LMDeploy's precomputed ``context.input_embeddings`` at their rows; ``(embeds, visual_rows, text_rows)``
+    (rows None when there are none)."""
+    if context.input_embeddings is None or len(context.input_embeddings) == 0:
+        return inputs_embeds, None, None
+    indexing = context.input_embedding_indexing
+    if inputs_embeds is None:
+        inputs_embeds = embed(input_ids)
+    inputs_embeds[:, indexing, :] = context.input_embeddings.to(inputs_embeds)
+    return (inputs_embeds, *_rows_from_index(indexing, input_ids.shape[-1]))
 
 
 def _rows_from_index(indexing: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -366,14 +374,9 @@ class MonoInternVLChatModel(nn.Module, DeployModelMixinV1, CudaGraphMixin):
             if images:
                 image_mask = input_ids == images[0].meta["image_token_id"]
                 pixel_values = torch.cat([d.data for d in images])
-        visual_rows = text_rows = None
-        if context.input_embeddings is not None and len(context.input_embeddings) > 0:
-            # Visual tokens given as embeddings (no tiles): they are still routed to the visual expert.
-            indexing = context.input_embedding_indexing
-            if inputs_embeds is None:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds[:, indexing, :] = context.input_embeddings.to(inputs_embeds)
-            visual_rows, text_rows = _rows_from_index(indexing, input_ids.shape[-1])
+        # Visual tokens given as embeddings (no tiles) are still routed to the visual expert.
+        inputs_embeds, visual_rows, text_rows = _scatter_input_embeddings(
+            context, input_ids, inputs_embeds, self.get_input_embeddings())
         return dict(input_ids=input_ids, position_ids=context.position_ids, past_key_values=past_key_values,
                     attn_metadata=context.attn_metadata, pixel_values=pixel_values, image_mask=image_mask,
                     inputs_embeds=inputs_embeds, visual_rows=visual_rows, text_rows=text_rows)
