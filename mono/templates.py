@@ -9,6 +9,7 @@ is not part of the rendered text: the tokenizer adds it. Image placeholders (`<i
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -116,6 +117,39 @@ class ChatTemplate:
                 )
             parts.append(self.assistant_prefix)
         return "".join(parts)
+
+    def to_jinja(self) -> str:
+        """This template as a Hugging Face chat template (Jinja), for ``tokenizer_config.json``'s ``chat_template``.
+
+        ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=g)`` then returns exactly
+        :meth:`render` of the same conversation: a leading ``system`` message replaces the default system message
+        (which this template bakes in), roles must alternate user/assistant (the template raises otherwise), and
+        no BOS is emitted (the tokenizer adds it). Content must be text: image placeholders are expanded before.
+        """
+        system_prefix, _, system_suffix = self.system_template.partition("{system_message}")
+
+        def lit(text: str) -> str:  # a Jinja string literal; ASCII escapes keep any text (CJK included) intact
+            return json.dumps(text)
+
+        end = lit(self.turn_end + self.turn_sep)
+        return (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+            f"{{%- else -%}}{{%- set system_message = {lit(self.system_message)} -%}}"
+            "{%- set loop_messages = messages -%}{%- endif -%}"
+            f"{{{{ {lit(system_prefix)} + system_message + {lit(system_suffix)} + {end} }}}}"
+            "{%- for message in loop_messages -%}"
+            "{%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
+            "{{ raise_exception('roles must alternate user/assistant starting with user (after an optional "
+            "system message)') }}{%- endif -%}"
+            "{%- if message['content'] is not string -%}"
+            "{{ raise_exception('message content must be text (expand image placeholders first)') }}"
+            "{%- endif -%}"
+            f"{{%- if message['role'] == 'user' -%}}{{{{ {lit(self.user_prefix)} + message['content'] + {end} }}}}"
+            f"{{%- else -%}}{{{{ {lit(self.assistant_prefix)} + message['content'] + {end} }}}}{{%- endif -%}}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {lit(self.assistant_prefix)} }}}}{{%- endif -%}}"
+        )
 
 
 TEMPLATES: dict[str, ChatTemplate] = {}

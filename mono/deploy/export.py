@@ -290,6 +290,21 @@ def _write_tokenizer(staging: Path, tokenizer, tok_dir: Path, added: list[str], 
             raise ExportError(f"{tok_dir / 'tokenizer_config.json'} refers to {name}, which is missing from {tok_dir}")
 
 
+def _write_chat_template(staging: Path, config) -> None:
+    """Set ``tokenizer_config.json``'s ``chat_template`` to the model's own prompt format (``config.template`` with
+    ``config.system_message``), as Jinja: ``apply_chat_template`` and LMDeploy's default template (which uses it
+    when no ``--chat-template`` is given) then build the prompts ``MonoInternVL.chat`` builds. A
+    ``chat_template.jinja`` copied from the source would take precedence in transformers, so it is replaced."""
+    from ..templates import get_template
+
+    jinja = get_template(config.template, system_message=config.system_message).to_jinja()
+    config_file = staging / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    tok_config["chat_template"] = jinja
+    _write_json(config_file, tok_config)
+    (staging / "chat_template.jinja").unlink(missing_ok=True)
+
+
 def _stop_ids(config, vocab: dict[str, int], eos_token_id: int | None) -> list[int]:
     """Generation stop ids: the end-of-sequence id first, then the chat template's stop tokens found in ``vocab``
     (``</s>``, ``<|im_end|>``, ``<|im_start|>`` for internlm2-chat), as ``MonoInternVL.chat`` stops."""
@@ -439,6 +454,7 @@ def export(
         _write_json(staging / "generation_config.json", gen)
         if tok is not None:
             _write_tokenizer(staging, tok, tok_dir, added, set(remote_files))
+            _write_chat_template(staging, config)
         elif (src / "added_tokens.json").is_file():
             shutil.copyfile(src / "added_tokens.json", staging / "added_tokens.json")
         write_remote_code(staging, remote_files)

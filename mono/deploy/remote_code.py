@@ -31,7 +31,8 @@ _REPO = Path(__file__).resolve().parents[2]
 MONO_DIR = _REPO / "mono"
 KERNELS_DIR = _REPO / "kernels" / "moe"
 
-# mono/<key>.py -> flat module name in the export (release style: role first, model name after).
+# mono/<key>.py (dots for subpackages) -> flat module name in the export (release style: role first, model name
+# after).
 MONO_MODULES: dict[str, str] = {
     "configuration": "configuration_mono_internvl",
     "modeling": "modeling_mono_internvl",
@@ -42,10 +43,14 @@ MONO_MODULES: dict[str, str] = {
     "tokenization": "tokenization_mono_internvl",
     "conversion": "conversion_mono_internvl",
     "processing": "image_processing_mono_internvl",
+    # LMDeploy's PyTorch engine: the folder registers its own model (mono/deploy/lmdeploy/autoregister.py).
+    "deploy.lmdeploy.autoregister": "lmdeploy_register_mono_internvl",
+    "deploy.lmdeploy.models": "lmdeploy_mono_internvl",
+    "deploy.lmdeploy.mapping": "lmdeploy_mapping_mono_internvl",
 }
 # Bundled with everything they import: the model, its config, and the image preprocessing (``load_image``), which
 # the model does not import but a user of the folder needs to build ``pixel_values``.
-REMOTE_ROOTS = ("modeling", "configuration", "processing")
+REMOTE_ROOTS = ("modeling", "configuration", "processing", "deploy.lmdeploy.autoregister")
 KERNELS_MODULE = "mono_kernels"
 # kernels/moe/<name>.py copied into mono_kernels.py, in dependency order (torch backend only: no Triton, MegaBlocks).
 KERNELS_SOURCES = ("routing", "torch_backend")
@@ -54,6 +59,9 @@ KERNELS_SURFACE = ("Routing", "build_routing", "moe_ffn", "routed_linear")
 # huggingface_hub), torch (the model), and PIL (Pillow: only the image preprocessing module imports it).
 THIRD_PARTY = frozenset({"torch", "transformers", "safetensors", "tokenizers", "numpy", "huggingface_hub", "PIL"})
 OWN_PACKAGES = frozenset({"mono", "kernels", "evip", "benchmarks"})
+# Packages a bundled module may import beyond THIRD_PARTY, by module-name prefix: the LMDeploy model needs LMDeploy
+# (transformers never imports these files itself: only the configuration module's hook does, when LMDeploy runs).
+EXTRA_THIRD_PARTY: dict[str, frozenset[str]] = {"deploy.lmdeploy.": frozenset({"lmdeploy"})}
 
 AUTO_MAP = {
     "AutoConfig": f"{MONO_MODULES['configuration']}.MonoInternVLConfig",
@@ -72,8 +80,10 @@ class RemoteCodeError(RuntimeError):
 
 
 # ============================================================================================== rewriting
-def _allowed_top_level(name: str) -> bool:
-    return name in sys.stdlib_module_names or name in THIRD_PARTY
+def _allowed_top_level(name: str, module: str = "") -> bool:
+    """Whether bundled module ``module`` (a :data:`MONO_MODULES` key) may import top-level package ``name``."""
+    extra = {pkg for prefix, pkgs in EXTRA_THIRD_PARTY.items() if module.startswith(prefix) for pkg in pkgs}
+    return name in sys.stdlib_module_names or name in THIRD_PARTY or name in extra
 
 
 def _inside_import_guard(node: ast.AST, parents: Mapping[ast.AST, ast.AST]) -> bool:
@@ -99,11 +109,13 @@ def _char_index(line_starts: list[int], lines: list[str], lineno: int, col_bytes
 
 
 def rewrite_module(
-    text: str, filename: str, modules: Mapping[str, str] = MONO_MODULES
+    text: str, filename: str, modules: Mapping[str, str] = MONO_MODULES, module: str = ""
 ) -> tuple[str, list[str]]:
     """Rewrite one ``mono`` module for the export; return the new text and the ``mono`` modules it imports.
 
-    ``from .x import ...`` becomes ``from .<modules[x]> import ...``; ``from . import x as y`` and
+    ``module`` is the module's own :data:`MONO_MODULES` key (``"deploy.lmdeploy.models"``; default: a top-level
+    module), against which relative imports resolve. ``from .x import ...`` (``from ...x import`` in a
+    subpackage) becomes ``from .<modules[x]> import ...``; ``from . import x as y`` and
     ``import kernels`` become module aliases of the flat files (with a ``from .<flat> import __name__`` line so
     transformers copies them). ``filename`` is only used in error messages.
 
@@ -122,11 +134,21 @@ def rewrite_module(
     edits: list[tuple[int, int, list[str]]] = []  # (start, end, replacement statements)
     deps: list[str] = []
 
+    package = module.split(".")[:-1]
+
+    def resolve(level: int, name: str, node: ast.AST) -> str | None:
+        """The MONO_MODULES key of ``from <level dots><name> import``, or None (a problem is recorded)."""
+        if level - 1 > len(package):
+            problems.append(f"{filename}:{node.lineno}: `from {'.' * level}{name} import` reaches outside mono/")
+            return None
+        return ".".join([*package[: len(package) - (level - 1)], name])
+
     def flat(name: str, node: ast.AST) -> str | None:
         if name not in modules:
+            path = name.replace(".", "/")
             problems.append(
-                f"{filename}:{node.lineno}: imports .{name}, which the remote-code bundler does not know; add "
-                f"mono/{name}.py to MONO_MODULES in mono/deploy/remote_code.py (after checking its own imports)"
+                f"{filename}:{node.lineno}: imports mono/{path}.py, which the remote-code bundler does not know; add "
+                f"{name!r} to MONO_MODULES in mono/deploy/remote_code.py (after checking its own imports)"
             )
             return None
         if name not in deps:
@@ -143,20 +165,17 @@ def rewrite_module(
         where = f"{filename}:{node.lineno}"
         new: list[str] | None = None
         if isinstance(node, ast.ImportFrom) and node.level:
-            if node.level > 1:
-                problems.append(f"{where}: `from {'.' * node.level}{node.module or ''} import` reaches outside mono/")
-            elif node.module is None:  # from . import a as b, c
+            if node.module is None:  # from . import a as b, c
                 new = []
                 for alias in node.names:
-                    target = flat(alias.name, node)
+                    key = resolve(node.level, alias.name, node)
+                    target = None if key is None else flat(key, node)
                     if target is not None:
                         new += module_alias(target, alias.asname or alias.name)
             else:
-                top = node.module.split(".")[0]
-                target = flat(top, node)
-                if target is not None and "." in node.module:
-                    problems.append(f"{where}: `from .{node.module} import`: mono/ has no subpackages to bundle")
-                elif target is not None:
+                key = resolve(node.level, node.module, node)
+                target = None if key is None else flat(key, node)
+                if target is not None:
                     names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
                     new = [f"from .{target} import {names}"]
         elif isinstance(node, ast.Import):
@@ -171,7 +190,7 @@ def rewrite_module(
                         new = module_alias(KERNELS_MODULE, alias.asname or "kernels")
                 elif top in OWN_PACKAGES:
                     problems.append(f"{where}: `import {alias.name}`: use relative imports inside mono/")
-                elif not _allowed_top_level(top) and not _inside_import_guard(node, parents):
+                elif not _allowed_top_level(top, module) and not _inside_import_guard(node, parents):
                     problems.append(_third_party_problem(where, alias.name))
         else:  # absolute `from x import ...`
             top = node.module.split(".")[0]
@@ -189,7 +208,7 @@ def rewrite_module(
                     new = [f"from .{KERNELS_MODULE} import {names}"]
             elif top in OWN_PACKAGES:
                 problems.append(f"{where}: `from {node.module} import`: use relative imports inside mono/")
-            elif not _allowed_top_level(top) and not _inside_import_guard(node, parents):
+            elif not _allowed_top_level(top, module) and not _inside_import_guard(node, parents):
                 problems.append(_third_party_problem(where, node.module))
         if new is None:
             continue
@@ -343,6 +362,18 @@ def kernels_module_source(kernels_dir: Path = KERNELS_DIR) -> str:
 
 
 # ============================================================================================== bundle
+def _config_hook(hook_module: str) -> str:
+    """The lines the generated configuration module ends with: LMDeploy imports that module to read the config
+    (with trust_remote_code=True), and the call registers the folder's LMDeploy model in that process; it does
+    nothing where LMDeploy is not imported (see mono/deploy/lmdeploy/autoregister.py)."""
+    return (
+        "\n\n# Added by `mono export`: LMDeploy >= 0.12.2 has no working Mono-InternVL of its own; when LMDeploy reads "
+        "this\n# config, register this folder's (lmdeploy_mono_internvl.py). Does nothing without LMDeploy.\n"
+        f"from .{hook_module} import register_with_lmdeploy as _register_with_lmdeploy\n"
+        "\n_register_with_lmdeploy()\n"
+    )
+
+
 def bundle_sources(
     mono_dir: Path = MONO_DIR,
     kernels_dir: Path = KERNELS_DIR,
@@ -362,16 +393,21 @@ def bundle_sources(
         seen.add(name)
         if name not in modules:
             raise RemoteCodeError(f"remote-code root {name!r} is not in MONO_MODULES")
-        path = Path(mono_dir) / f"{name}.py"
+        relative = name.replace(".", "/") + ".py"
+        path = Path(mono_dir) / relative
         if not path.is_file():
             raise RemoteCodeError(f"{path} is missing: the remote-code bundler needs it")
-        text, deps = rewrite_module(path.read_text(encoding="utf-8"), f"mono/{name}.py", modules)
+        text, deps = rewrite_module(path.read_text(encoding="utf-8"), f"mono/{relative}", modules, module=name)
         needs_kernels |= KERNELS_MODULE in text
-        banner = f"# Generated by `mono export` from mono/{name}.py of mono-internvl (imports renamed); do not edit.\n"
+        banner = f"# Generated by `mono export` from mono/{relative} of mono-internvl (imports renamed); do not edit.\n"
         files[f"{modules[name]}.py"] = banner + text
         queue += [d for d in deps if d not in seen]
     if needs_kernels:
         files[f"{KERNELS_MODULE}.py"] = kernels_module_source(kernels_dir)
+    hook = modules.get("deploy.lmdeploy.autoregister")
+    config_file = f"{modules.get('configuration')}.py"
+    if f"{hook}.py" in files and config_file in files:
+        files[config_file] += _config_hook(hook)
     for file_name, text in files.items():
         try:
             compile(text, file_name, "exec")
@@ -404,7 +440,8 @@ def check_bundle(folder: str | Path, file_names: list[str]) -> None:
     folder = Path(folder)
     problems = []
     for file_name in file_names:
-        extra = [m for m in get_imports(folder / file_name) if not _allowed_top_level(m)]
+        module = next((key for key, flat in MONO_MODULES.items() if f"{flat}.py" == file_name), "")
+        extra = [m for m in get_imports(folder / file_name) if not _allowed_top_level(m, module)]
         if extra:
             problems.append(f"{file_name}: transformers would require {extra} to be installed")
     for entry in sorted({ref.split(".")[0] for ref in AUTO_MAP.values()}):

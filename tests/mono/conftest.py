@@ -74,3 +74,16 @@ def tiny_chat_model() -> tuple[MonoInternVL, PreTrainedTokenizerFast]:
     model = MonoInternVL(config).eval()
     randomize_norms(model)
     return model, tok
+
+
+@pytest.fixture
+def auto_classes():
+    """``mono.register_auto_classes()`` for one test, undone afterwards (it is process-wide)."""
+    import mono
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    had = "internvl_chat" in CONFIG_MAPPING._extra_content
+    mono.register_auto_classes()
+    yield
+    if not had:
+        CONFIG_MAPPING._extra_content.pop("internvl_chat", None)

@@ -33,10 +33,19 @@ def test_typed_fields_read_from_release(release_ckpt):
     assert config.img_context_token_id == 100
 
 
-def test_autoconfig_resolves_release_folder(release_ckpt):
-    import mono  # noqa: F401  (registers the classes)
-
+def test_autoconfig_resolves_release_folder(release_ckpt, auto_classes):
     assert isinstance(AutoConfig.from_pretrained(release_ckpt), MonoInternVLConfig)
+
+
+def test_import_leaves_internvl_chat_to_remote_code(release_ckpt):
+    """Importing mono must not claim ``internvl_chat`` (see mono/__init__.py); the decoder type it does claim."""
+    import mono  # noqa: F401
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    assert "internvl_chat" not in CONFIG_MAPPING
+    assert CONFIG_MAPPING["internlm2"] is InternLM2Config
+    with pytest.raises(ValueError, match="internvl_chat"):
+        AutoConfig.from_pretrained(release_ckpt)  # no local class, remote code not trusted
 
 
 def test_written_architectures_are_the_release_switches():

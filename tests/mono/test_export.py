@@ -85,6 +85,10 @@ def test_release_layout(exports, chat_src):
         assert gen["eos_token_id"][0] == tok.eos_token_id
         assert sorted(gen["eos_token_id"]) == sorted(model._stop_ids(tok))  # </s>, <|im_end|>, <|im_start|>
         assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+        # The model's own prompt format as the tokenizer's chat template (LMDeploy's default template uses it).
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert tok_config["chat_template"] == model._template().to_jinja()
+        assert not (folder / "chat_template.jinja").exists()
         assert not (folder / "model.safetensors").exists()  # always the index form
         for ref in rc.AUTO_MAP.values():
             assert (folder / f"{ref.split('.')[0]}.py").is_file()
@@ -191,6 +195,9 @@ pixel_values = load_image(spec["image"], image_size=spec["image_size"], max_num=
 results["pixel_values"] = pixel_values
 info["answer"] = chat_model.chat(tok, pixel_values, spec["question"], dict(max_new_tokens=4, do_sample=False))
 info["foreign_modules"] = sorted(m for m in sys.modules if m.partition(".")[0] in ("mono", "kernels", "evip"))
+info["lmdeploy_imported"] = "lmdeploy" in sys.modules  # the folder's LMDeploy hook must not import it
+turns = [{"role": role, "content": text} for role, text in (("user", "hi"), ("assistant", "hello"), ("user", "and?"))]
+info["chat_template"] = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 torch.save(results, spec["out"])
 with open(spec["info"], "w") as f:
     json.dump(info, f)
@@ -232,6 +239,8 @@ def test_remote_code_loads_without_this_package(exports, chat_src, tmp_path):
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["foreign_modules"] == []
+    assert info["lmdeploy_imported"] is False
+    assert info["chat_template"] == model._template().render([("user", "hi"), ("assistant", "hello"), ("user", "and?")])
     assert info["fp32_class"].startswith("transformers_modules.") and info["fp32_class"].endswith(".MonoInternVL")
 
     model.config.img_context_token_id = ctx
@@ -418,7 +427,7 @@ def test_bundler_fails_loudly_on_unknown_imports(tmp_path):
     with pytest.raises(rc.RemoteCodeError, match=r"mono/fake\.py:5: imports 'yaml'"):
         rc.rewrite_module(fake, "mono/fake.py")
     for line, message in (
-        ("from .demo import main", r"imports \.demo, which the remote-code bundler does not know"),
+        ("from .demo import main", r"imports mono/demo\.py, which the remote-code bundler does not know"),
         ("import evip.train", "use relative imports"),
         ("from mono.configuration import MonoInternVLConfig", "use relative imports"),
         ("from ..kernels import moe_ffn", "reaches outside mono/"),
@@ -429,9 +438,20 @@ def test_bundler_fails_loudly_on_unknown_imports(tmp_path):
             rc.rewrite_module(line + "\n", "mono/fake.py")
     text, deps = rc.rewrite_module(fake.replace("import yaml", "import json"), "mono/fake.py")
     assert deps == ["configuration"] and "from .configuration_mono_internvl import MonoInternVLConfig" in text
+    # A module in a subpackage: relative imports resolve against its package; LMDeploy only under deploy/lmdeploy.
+    sub = "from ...configuration import MonoInternVLConfig\nfrom .mapping import split_wqkv\nimport lmdeploy\n"
+    text, deps = rc.rewrite_module(sub, "mono/deploy/lmdeploy/fake.py", module="deploy.lmdeploy.fake")
+    assert deps == ["configuration", "deploy.lmdeploy.mapping"]
+    assert "from .configuration_mono_internvl import MonoInternVLConfig" in text
+    assert "from .lmdeploy_mapping_mono_internvl import split_wqkv" in text
+    with pytest.raises(rc.RemoteCodeError, match="reaches outside mono/"):
+        rc.rewrite_module("from ....kernels import moe_ffn\n", "mono/deploy/lmdeploy/fake.py",
+                          module="deploy.lmdeploy.fake")
+    with pytest.raises(rc.RemoteCodeError, match="imports 'lmdeploy'"):
+        rc.rewrite_module("import lmdeploy\n", "mono/fake.py")
     # A source folder whose module gains an unknown import breaks the whole bundle.
     mono_dir = tmp_path / "mono"
-    shutil.copytree(rc.MONO_DIR, mono_dir, ignore=shutil.ignore_patterns("__pycache__", "deploy"))
+    shutil.copytree(rc.MONO_DIR, mono_dir, ignore=shutil.ignore_patterns("__pycache__"))
     vision = mono_dir / "vision.py"
     vision.write_text(vision.read_text() + "\n\ndef _later():\n    import einops\n    return einops\n")
     with pytest.raises(rc.RemoteCodeError, match=r"mono/vision\.py:\d+: imports 'einops'"):

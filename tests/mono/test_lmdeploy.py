@@ -515,6 +515,120 @@ def test_014_native_model_fails_and_ours_matches_the_release(release_ckpt):
     assert out["a_text"] <= RELEASE_TOL and out["b_image"] <= RELEASE_TOL, out
 
 
+# ============================================================================================ self-registration
+_BLOCK_OWN_PACKAGES = """
+import importlib.util, os, sys
+
+# This project's packages are not importable here: no editable-install hooks, no source tree on the path, and
+# mono / evip / benchmarks refused outright. `kernels` is only checked absent: transformers probes find_spec
+# ("kernels") for the Hugging Face package of that name, and a finder raising there would break it.
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p and os.path.abspath(p or ".") != os.getcwd()]
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mono", "evip", "benchmarks"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, _NotInstalled())
+assert importlib.util.find_spec("kernels") is None, importlib.util.find_spec("kernels")
+"""
+
+
+@pytest.mark.parametrize("version", ["0.18.0", "0.14.0"])
+def test_exported_folder_registers_itself_without_this_package(release_ckpt, tmp_path, version):
+    """What ``lmdeploy serve api_server DIR --trust-remote-code`` does with a ``mono export`` folder, in a process
+    where this package cannot be imported: the engine reads the config with trust_remote_code=True, which runs the
+    folder's registration; LMDeploy's resolver then returns the folder's own LMDeploy model (the bundled copy of
+    mono/deploy/lmdeploy/models.py), which reproduces the release's prefill logits (fp32, reference ops); the stop
+    ids come from the folder's generation_config.json."""
+    from mono.deploy.export import export
+
+    folder = export(release_ckpt, tmp_path / "exp", dtype="float32", progress=False)
+    out = _run(_BLOCK_OWN_PACKAGES + _REFERENCE_OPS + textwrap.dedent("""
+        import json, types
+        import numpy as np
+        import lmdeploy
+        import lmdeploy.pytorch.config as lmd_config
+        from lmdeploy.pytorch.config import ModelConfig
+        from lmdeploy.pytorch.model_inputs import BuildModelContext, StepContextManager
+        from lmdeploy.pytorch.models.module_map import CUSTOM_MODULE_MAP
+        from lmdeploy.pytorch.models.patch import _get_model_class, _get_module_map, build_model_context
+        from lmdeploy.pytorch.weight_loader.model_weight_loader import load_model_weights
+        from lmdeploy.utils import get_hf_gen_cfg
+
+        folder, ref = sys.argv[1], np.load(sys.argv[2])
+        out = {"version": lmdeploy.__version__, "before": dict(CUSTOM_MODULE_MAP)}
+        try:
+            import mono  # noqa: F401
+            out["mono"] = "importable"
+        except ImportError:
+            out["mono"] = "blocked"
+        lmd_config.is_bf16_supported = lambda *a, **k: True  # no CUDA here
+        model_config = ModelConfig.from_pretrained(folder, trust_remote_code=True, dtype="bfloat16",
+                                                   device_type="cuda")
+        out["after"] = dict(CUSTOM_MODULE_MAP)
+        hf = model_config.hf_config
+        cls = _get_model_class(hf, _get_module_map())
+        out["cls"] = f"{cls.__module__}.{cls.__qualname__}"
+        ctx = BuildModelContext()
+        with build_model_context(ctx):
+            model = cls(hf, StepContextManager(ctx), dtype=torch.float32, device=torch.device("cpu"))
+        load_model_weights(model, folder)
+        caches = [(None, None)] * hf.llm_config.num_hidden_layers
+        for case in ("a_text", "b_image"):
+            ids = torch.from_numpy(ref[f"{case}__input_ids"])
+            kwargs = {}
+            if case == "b_image":
+                kwargs = dict(pixel_values=torch.from_numpy(ref["b_image__pixel_values"]), image_mask=ids == 100)
+            with torch.inference_mode():
+                hidden = model(ids, torch.arange(ids.shape[1])[None], caches, types.SimpleNamespace(quant_policy=0),
+                               **kwargs)
+                logits = model.get_logits(hidden)
+            out[case] = (logits - torch.from_numpy(ref[f"{case}__logits"])).abs().max().item()
+        out["eos"] = get_hf_gen_cfg(folder, trust_remote_code=True).get("eos_token_id")
+        print(json.dumps(out))
+    """), str(folder), str(RELEASE_TINY_REF), pythonpath=None if version == "0.18.0" else str(_legacy_dir()))
+    assert out["version"] == version and out["mono"] == "blocked"
+    assert out["before"] == {}
+    registered = out["after"]["InternVLChatModel"]
+    assert registered.startswith("transformers_modules.") and registered == out["cls"], out
+    assert registered.endswith(".lmdeploy_mono_internvl.MonoInternVLChatModel")
+    assert out["after"]["MonoInternVL"] == registered
+    assert out["a_text"] <= RELEASE_TOL and out["b_image"] <= RELEASE_TOL, out
+    assert out["eos"] == [2, 97, 96]  # </s>, <|im_end|>, <|im_start|>
+
+
+def test_self_registration_defers(release_ckpt, tmp_path):
+    """The folder's hook does nothing where this package registered already (``mono serve``), nor without LMDeploy
+    (plain transformers), nor on releases that load the folder natively."""
+    from mono.deploy.export import export
+    from mono.deploy.lmdeploy import autoregister
+
+    folder = export(release_ckpt, tmp_path / "exp", dtype="bfloat16", progress=False)
+    out = _run("""
+        import json, sys
+        from transformers import AutoConfig
+        AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+        out = {"lmdeploy_imported": "lmdeploy" in sys.modules}
+        from mono.deploy import lmdeploy as mld
+        mld.register()
+        from lmdeploy.pytorch.models.module_map import CUSTOM_MODULE_MAP
+        hook = next(m for n, m in sys.modules.items() if n.endswith(".lmdeploy_register_mono_internvl"))
+        out["again"] = hook.register_with_lmdeploy()
+        out["map"] = dict(CUSTOM_MODULE_MAP)
+        print(json.dumps(out))
+    """, str(folder))
+    assert out == {"lmdeploy_imported": False, "again": None,
+                   "map": {"InternVLChatModel": MONO_CHAT, "MonoInternVL": MONO_CHAT}}
+    fake = types.SimpleNamespace(__version__="0.12.1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "lmdeploy", fake)
+        assert autoregister.register_with_lmdeploy() is None
+
+
 @pytest.mark.xfail(EXPORT_AUTO_MAP_BUG, strict=True,
                    reason="mono/deploy/remote_code.py AUTO_MAP['AutoModelForCausalLM'] names MonoInternVL; LMDeploy "
                           "(0.6.3-0.12.1 native) resolves auto_map by class name and knows only InternVLChatModel: "
@@ -552,32 +666,44 @@ def test_chat_template_renders_our_prompt(tmp_path, release_config, system_messa
 DEMO_EXPORT = ROOT / ".cache" / "demo" / "runs" / "evip" / "s2" / "export"
 
 
+@pytest.mark.parametrize("template_from", ["ours", "lmdeploy_default"])
 @pytest.mark.parametrize("source", ["tiny", "demo"])
-def test_lmdeploy_prompt_ids_equal_ours(tmp_path, source):
-    """LMDeploy's own InternVL message -> prompt -> ids code (what the pipeline runs before the engine), with our
-    chat template, gives exactly the ids this project's chat() feeds the model, with and without an image."""
+def test_lmdeploy_prompt_ids_equal_ours(tmp_path, source, template_from):
+    """LMDeploy's own InternVL message -> prompt -> ids code (what the pipeline runs before the engine) on a
+    ``mono export`` folder gives exactly the ids this project's chat() feeds the model, with and without an image:
+    with our chat template config (``mono serve``, ``mld.pipeline``) and with the template LMDeploy picks by itself
+    when none is given (``lmdeploy serve api_server DIR``: the ``chat_template`` the export writes into
+    tokenizer_config.json)."""
+    from lmdeploy.model import HFChatTemplate, get_chat_template
     from lmdeploy.tokenizer import Tokenizer
     from lmdeploy.vl.model.internvl import InternVLVisionModel
     from transformers import AutoTokenizer
 
     from mono import MonoInternVL
+    from mono.deploy.export import export
 
     from .conftest import tiny_chat_model
 
     if source == "tiny":
         model, tok = tiny_chat_model()
-        folder = tmp_path / "tiny"
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
+        source_dir = tmp_path / "tiny"
+        model.save_pretrained(source_dir)
+        tok.save_pretrained(source_dir)
     else:
         if not (DEMO_EXPORT / "config.json").is_file():
             pytest.skip(f"{DEMO_EXPORT} is written by `make demo`")
-        folder = DEMO_EXPORT
-        model, tok = MonoInternVL.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        source_dir = DEMO_EXPORT
+    folder = export(source_dir, tmp_path / "export", progress=False)
+    model = MonoInternVL.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
     model._bind_tokenizer(tok, "<IMG_CONTEXT>")
     vision = InternVLVisionModel(str(folder), hf_config=model.config)
     assert vision.image_token_id == model.img_context_token_id
-    template = mld.chat_template_config(folder).chat_template()
+    if template_from == "ours":
+        template = mld.chat_template_config(folder).chat_template()
+    else:
+        template = get_chat_template(str(folder))
+        assert isinstance(template, HFChatTemplate)
     lmd_tokenizer = Tokenizer(str(folder))
     question = "what is in the image"
     for tiles in (0, 2):
@@ -591,20 +717,12 @@ def test_lmdeploy_prompt_ids_equal_ours(tmp_path, source):
         ours = model._render([], "<image>\n" * bool(tiles) + question, [tiles] * bool(tiles),
                              ("<img>", "</img>", "<IMG_CONTEXT>"))
         assert ids == model._tokenize_prompts(tok, [ours])["input_ids"][0].tolist(), (tiles, prompt)
+    # A multi-turn text conversation through the template alone.
+    turns = [("user", "hi"), ("assistant", "hello"), ("user", "how are you")]
+    rendered = template.messages2prompt([{"role": r, "content": t} for r, t in turns])
+    assert rendered == model._template().render(turns)
 
 
-def _mono_registers_internvl_chat() -> bool:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    return "internvl_chat" in CONFIG_MAPPING and CONFIG_MAPPING["internvl_chat"] is MonoInternVLConfig
-
-
-@pytest.mark.xfail(_mono_registers_internvl_chat(), strict=True,
-                   reason="mono/__init__.py registers model_type internvl_chat with transformers' AutoConfig, and "
-                          "transformers then prefers that local class over a folder's own remote code even with "
-                          "trust_remote_code=True; MonoInternVLConfig rejects non-Mono InternVL, LMDeploy falls back "
-                          "to a dict-config and its engine fails later. Fix: do not register internvl_chat globally "
-                          "(exported folders carry remote code), or register a class that defers for non-Mono")
 def test_plain_internvl_folder_keeps_its_remote_config(tmp_path):
     """In a process with the registration applied, a non-Mono InternVL folder still gets its own config class."""
     from lmdeploy.hf_configs import config_from_pretrained

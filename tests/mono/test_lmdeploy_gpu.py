@@ -9,7 +9,11 @@ near tie in our own logits. The trained checkpoint must agree exactly up to its 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -36,7 +40,7 @@ from mono.processing import load_image  # noqa: E402
 from mono.tokenization import add_special_tokens  # noqa: E402
 
 from .conftest import WORDS, tiny_chat_model  # noqa: E402
-from .test_lmdeploy import needs_config_fix  # noqa: E402  (LMDeploy cannot read our configs until it is fixed)
+from .test_lmdeploy import _BLOCK_OWN_PACKAGES, needs_config_fix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_EXPORT = ROOT / ".cache" / "demo" / "runs" / "evip" / "s2" / "export"
@@ -102,6 +106,42 @@ def _lmdeploy_greedy(folder: Path, requests: list[tuple[str, Image.Image | None]
     return out
 
 
+_PLAIN_PIPELINE = """
+import json, sys
+from PIL import Image
+from lmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+
+spec = json.loads(sys.argv[1])
+gen = GenerationConfig(max_new_tokens=spec["max_new_tokens"], do_sample=False, top_k=1, ignore_eos=True)
+backend = PytorchEngineConfig(dtype="bfloat16", cache_max_entry_count=0.2, session_len=4096)
+out = []
+with pipeline(spec["folder"], backend_config=backend, trust_remote_code=True) as pipe:
+    for question, image in spec["requests"]:
+        response = pipe((Image.open(image).convert("RGB"), question) if image else question, gen_config=gen)
+        out.append(list(response.token_ids))
+print(json.dumps(out))
+"""
+
+
+def _plain_lmdeploy_greedy(folder: Path, requests: list[tuple[str, Image.Image | None]]) -> list[list[int]]:
+    """LMDeploy's own ``pipeline(folder, trust_remote_code=True)`` in a process where this package cannot be
+    imported: the folder registers its bundled LMDeploy model itself, and LMDeploy's default chat template is the
+    folder's ``chat_template``."""
+    specs = []
+    for k, (question, image) in enumerate(requests):
+        path = None
+        if image is not None:
+            path = str(folder.parent / f"request{k}.png")
+            image.save(path)
+        specs.append((question, path))
+    spec = {"folder": str(folder), "requests": specs, "max_new_tokens": MAX_NEW_TOKENS}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", _BLOCK_OWN_PACKAGES + textwrap.dedent(_PLAIN_PIPELINE),
+                           json.dumps(spec)], capture_output=True, text=True, cwd=folder.parent, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in stops:
@@ -127,18 +167,22 @@ def _check_same(model, tokenizer, inputs, pixel_values, ours, theirs, exact: boo
         f"ahead: not a near tie; ours {ours} vs LMDeploy {theirs}")
 
 
-def _compare(model, tokenizer, folder, questions, image, exact: bool) -> None:
+def _compare(model, tokenizer, folder, questions, image, exact: bool, route: str = "mono") -> None:
     requests = [(q, None) for q in questions] + [(questions[0], image)]
     own = [_own_greedy(model, tokenizer, q, img) for q, img in requests]
-    theirs = _lmdeploy_greedy(folder, requests)
+    theirs = (_lmdeploy_greedy if route == "mono" else _plain_lmdeploy_greedy)(folder, requests)
     for (q, img), (ours, inputs, pixel_values), lmd in zip(requests, own, theirs):
         label = f"{'image + ' if img is not None else ''}{q!r}"
         _check_same(model, tokenizer, inputs, pixel_values, ours, lmd, exact, label)
 
 
 @needs_config_fix
-def test_trained_checkpoint_greedy_equals_ours(tmp_path):
-    """The EViP demo's final checkpoint when present (exact agreement), else a tiny random one (near ties)."""
+@pytest.mark.parametrize("route", ["mono", "plain"])
+def test_trained_checkpoint_greedy_equals_ours(tmp_path, route):
+    """The EViP demo's final checkpoint when present (exact agreement), else a tiny random one (near ties).
+
+    ``mono``: ``mld.pipeline`` (this package's registration); ``plain``: LMDeploy's own ``pipeline`` with
+    ``trust_remote_code=True`` where this package is not importable (the folder's self-registration)."""
     mld.register()
     if (DEMO_EXPORT / "config.json").is_file():
         from transformers import AutoTokenizer
@@ -152,7 +196,7 @@ def test_trained_checkpoint_greedy_equals_ours(tmp_path):
         questions, exact = ["what is in the image", "hello how are you"], False
     folder = deployable_folder(model, tokenizer, tmp_path / "model")
     model = model.to("cuda", torch.bfloat16).eval()
-    _compare(model, tokenizer, folder, questions, _square_image(model.config.image_size), exact)
+    _compare(model, tokenizer, folder, questions, _square_image(model.config.image_size), exact, route)
 
 
 def _release_sized_tokenizer():

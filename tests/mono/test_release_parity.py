@@ -46,7 +46,7 @@ def test_greedy_generation_tokens(release_model, release_ref):
     assert tokens.tolist() == release_ref["d_generate__tokens"].tolist()
 
 
-def test_automodel_loads_release_folder(release_ckpt, release_ref):
+def test_automodel_loads_release_folder(release_ckpt, release_ref, auto_classes):
     model = AutoModel.from_pretrained(release_ckpt).eval()
     assert isinstance(model, MonoInternVL)
     with torch.no_grad():

@@ -149,3 +149,27 @@ def test_expand_inside_rendered_prompt():
         + IMG_CONTEXT_TOKEN * 8
         + "</img>\nWhat is it?<|im_end|><|im_start|>assistant\n"
     )
+
+
+@pytest.mark.parametrize("name", ["internlm2-chat", "chatml"])
+@pytest.mark.parametrize("system_message", [None, 'Braces {x} {{y}}, quotes "a" \'b\', 中文\nnew line'])
+def test_to_jinja_renders_like_render(name, system_message):
+    """The Hugging Face chat template written into exported folders renders exactly what ``render`` does."""
+    from .conftest import tiny_tokenizer
+
+    template = get_template(name, system_message)
+    tok = tiny_tokenizer()
+    tok.chat_template = template.to_jinja()
+    turns = [("user", "<image>\nwhat {{x}} is it"), ("assistant", "a cat"), ("user", "and now")]
+    messages = [{"role": role, "content": text} for role, text in turns]
+    for upto, generation in ((1, True), (2, False), (3, True)):
+        got = tok.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation)
+        assert got == template.render(turns[:upto], add_generation_prompt=generation)
+    with_system = [{"role": "system", "content": "Be brief."}] + messages
+    assert tok.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True) == template.render(
+        turns, system_message="Be brief.")
+    for bad in ([messages[1]], [messages[0], messages[0]]):
+        with pytest.raises(Exception, match="roles must alternate"):
+            tok.apply_chat_template(bad, tokenize=False)
+    with pytest.raises(Exception, match="must be text"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)

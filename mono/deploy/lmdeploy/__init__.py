@@ -27,8 +27,13 @@ field. LMDeploy 0.18 (and 0.14) copy that field into ``MiscConfig`` but their mo
 ``ModelConfig.custom_module_map``, which nothing sets; so the path is given as a ``str`` that, when unpickled,
 loads the map in that process with the same ``update_custom_module_map`` call. The processes that build a model
 receive it that way: the spawned engine process of ``api_server`` (``enable_mp_engine``) gets the engine config,
-``mp`` and Ray executor workers get ``MiscConfig``. LMDeploy's own CLI (``lmdeploy serve api_server``) builds its
-engine config itself and has no option for a module map; ``mono serve`` runs the same server with it.
+``mp`` and Ray executor workers get ``MiscConfig``.
+
+LMDeploy's own entry points (``lmdeploy serve api_server DIR --trust-remote-code``, ``lmdeploy.pipeline(DIR,
+trust_remote_code=True)``) have no option for a module map. For them an exported folder registers itself: its
+``configuration_mono_internvl.py`` calls :func:`.autoregister.register_with_lmdeploy` when LMDeploy imports it to
+read the config, mapping the architecture to the folder's bundled copy of :mod:`.models` (single-process engines;
+see :mod:`.autoregister`). An explicit :func:`register` in the process takes precedence.
 
 Mono-InternVL runs in bfloat16 only (fp16 overflows); :func:`check_dtype` says so for any other dtype. The chat
 template is the text of ``internlm2-chat`` (``internvl2-internlm2`` in LMDeploy's naming). Neither LMDeploy
@@ -45,6 +50,10 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any
+
+# NATIVE_BROKEN_SINCE: from 0.12.2 LMDeploy's InternVLChatModel.__init__ reads language_model.lm_head, which its
+# InternLM2VEForCausalLM does not have.
+from .autoregister import NATIVE_BROKEN_SINCE
 
 __all__ = [
     "LMDEPLOY_TEMPLATE_NAME",
@@ -67,7 +76,6 @@ SUPPORTED = {
                   "own fails to build from 0.12.2 and was removed in 0.15.0)",
 }
 NATIVE_SINCE = (0, 6, 3)
-NATIVE_BROKEN_SINCE = (0, 12, 2)  # InternVLChatModel.__init__ reads language_model.lm_head; InternLM2VE has none
 REMOVED_IN = (0, 15, 0)
 # Exercised by tests/mono/test_lmdeploy.py on the CPU (both: resolution, the registered model's prefill logits
 # against the release's, the chat template; 0.18.0 also: registration across processes, weight loading) and by
@@ -273,9 +281,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def check_folder(model_dir: str | Path) -> Path:
     """``model_dir`` as a Mono-InternVL folder LMDeploy can load, or an error saying what is wrong.
 
-    LMDeploy reads the nested configs as objects through transformers' ``AutoConfig``: this package registers
-    ``internvl_chat`` there when imported, otherwise only the folder's remote code (``auto_map``, loaded with
-    ``trust_remote_code=True``) can; without either the config arrives as nested dicts and the engine fails late.
+    LMDeploy reads the nested configs as objects through transformers' ``AutoConfig``, which only the folder's
+    remote code (``auto_map``, loaded with ``trust_remote_code=True``) provides, or :func:`mono.register_auto_classes`
+    in this process; without either the config arrives as nested dicts and the engine fails late.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

@@ -26,9 +26,8 @@ _ROOT = str(Path(__file__).resolve().parents[3])
 if importlib.util.find_spec("mono") is None and _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
+from mono.deploy.lmdeploy.autoregister import ARCHITECTURES  # noqa: E402  (after the path set-up above)
+
 MONO_CHAT_MODEL = "mono.deploy.lmdeploy.models.MonoInternVLChatModel"
 
-CUSTOM_MODULE_MAP = {
-    "InternVLChatModel": MONO_CHAT_MODEL,
-    "MonoInternVL": MONO_CHAT_MODEL,
-}
+CUSTOM_MODULE_MAP = dict.fromkeys(ARCHITECTURES, MONO_CHAT_MODEL)
