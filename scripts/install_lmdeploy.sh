@@ -6,8 +6,9 @@
 # - LMDeploy 0.18.0 (removed Mono-InternVL; this project registers it) goes into the venv with --no-deps, plus
 #   only the small pure or abi3 packages its modules import. `pip install lmdeploy` would pull ~4 GB (a CUDA
 #   torch replacing the CPU one, nccl, cublas, ray, ...).
-# - LMDeploy 0.14.0 (the last release that ships Mono-InternVL code, which no longer builds since 0.12.2) goes into
-#   .venv/lmdeploy-0.14.0 with --target; tests put that folder on PYTHONPATH in a subprocess.
+# - Older releases go into .venv/lmdeploy-<version> with --target; tests put such a folder on PYTHONPATH in a
+#   subprocess: 0.14.0 (the last release that ships Mono-InternVL code), 0.12.2 (the first whose Mono-InternVL no
+#   longer builds) and 0.12.1 (the last one that loads an exported folder natively).
 # - The TurboMind binaries (_turbomind*.so, 347 MB; libxgrammar.a, 18 MB) are deleted from both: the PyTorch
 #   engine's Python code does not load them and `lmdeploy.archs` falls back to the PyTorch engine without them.
 #
@@ -18,8 +19,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 LMDEPLOY_VERSION=0.18.0
-LEGACY_VERSION=0.14.0
-LEGACY_DIR="$ROOT/.venv/lmdeploy-$LEGACY_VERSION"
+LEGACY_VERSIONS=(0.14.0 0.12.2 0.12.1)
 # What `import lmdeploy`, lmdeploy.archs, lmdeploy.pytorch.models.* and lmdeploy.pytorch.config import beyond
 # this project's own requirements (torch, transformers, numpy, safetensors, pillow, psutil, requests, tqdm):
 DEPS=(
@@ -83,18 +83,23 @@ fi
 package_dir="$("$PYTHON" -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("lmdeploy").origin))')"
 strip_binaries "$package_dir"
 
-# --- LMDeploy 0.14.0 into its own folder ---------------------------------------------------------------------
-if [[ -d "$LEGACY_DIR/lmdeploy-$LEGACY_VERSION.dist-info" ]]; then
-    echo "install_lmdeploy: lmdeploy $LEGACY_VERSION already in $LEGACY_DIR"
-else
-    echo "install_lmdeploy: installing lmdeploy==$LEGACY_VERSION into $LEGACY_DIR (--no-deps --target)"
-    rm -rf "$LEGACY_DIR"
-    "${PIP[@]}" install --no-deps --target "$LEGACY_DIR" "lmdeploy==$LEGACY_VERSION"
-fi
-strip_binaries "$LEGACY_DIR/lmdeploy"
+# --- older releases, each into its own folder -----------------------------------------------------------------
+for version in "${LEGACY_VERSIONS[@]}"; do
+    dir="$ROOT/.venv/lmdeploy-$version"
+    if [[ -d "$dir/lmdeploy-$version.dist-info" ]]; then
+        echo "install_lmdeploy: lmdeploy $version already in $dir"
+    else
+        echo "install_lmdeploy: installing lmdeploy==$version into $dir (--no-deps --target)"
+        rm -rf "$dir"
+        "${PIP[@]}" install --no-deps --target "$dir" "lmdeploy==$version"
+    fi
+    strip_binaries "$dir/lmdeploy"
+done
 
 # --- check ---------------------------------------------------------------------------------------------------
 "$PYTHON" -c "import lmdeploy, lmdeploy.archs, lmdeploy.pytorch.models.patch as p
 print('install_lmdeploy: lmdeploy', lmdeploy.__version__, 'imports')"
-PYTHONPATH="$LEGACY_DIR" "$PYTHON" -c "import lmdeploy, lmdeploy.pytorch.models.internlm2_ve as m
+for version in "${LEGACY_VERSIONS[@]}"; do
+    PYTHONPATH="$ROOT/.venv/lmdeploy-$version" "$PYTHON" -c "import lmdeploy, lmdeploy.pytorch.models.internlm2_ve as m
 print('install_lmdeploy: lmdeploy', lmdeploy.__version__, 'imports from', lmdeploy.__path__[0])"
+done

@@ -1,7 +1,8 @@
 """LMDeploy integration on the CPU: resolution through LMDeploy's own code, the weight mapping, the numerics.
 
 LMDeploy 0.18.0 (installed in the venv) has no Mono-InternVL; :mod:`mono.deploy.lmdeploy` registers ours.
-LMDeploy 0.14.0 (``.venv/lmdeploy-0.14.0``, used from a subprocess) loads the folder natively. Both come from
+LMDeploy 0.14.0, 0.12.2 and 0.12.1 (``.venv/lmdeploy-<version>``, used from subprocesses): 0.14.0 and 0.12.2
+resolve the folder to their own Mono-InternVL, which no longer builds; 0.12.1 loads it natively. All come from
 ``scripts/install_lmdeploy.sh``. LMDeploy's attention kernels need CUDA, so the forward test swaps LMDeploy's
 op backend for its own torch reference ops plus a causal SDPA in place of paged attention; everything else
 (our model classes, LMDeploy's linears, norms, rotary, embedding, weight loader) is what the engine runs.
@@ -29,7 +30,7 @@ from mono.templates import get_template
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE_TINY_REF = ROOT / "tests" / "assets" / "release_tiny" / "reference.npz"
-LEGACY_DIR = ROOT / ".venv" / "lmdeploy-0.14.0"
+LEGACY_DIR = ROOT / ".venv" / "lmdeploy-0.14.0"  # .venv/lmdeploy-<version>: _legacy_dir(version)
 INSTALL = "run scripts/install_lmdeploy.sh (LMDeploy --no-deps plus the few packages it imports)"
 
 # `import lmdeploy` sets PIL's process-wide LOAD_TRUNCATED_IMAGES (lmdeploy/vl/media/image.py); restore it for the
@@ -368,13 +369,14 @@ def test_module_map_reaches_a_fresh_process_by_pickle(release_folder, tmp_path, 
 
 
 # ============================================================================================ LMDeploy 0.14
-def _legacy_dir() -> Path:
-    if not (LEGACY_DIR / "lmdeploy").is_dir():
-        message = f"LMDeploy 0.14.0 is not in {LEGACY_DIR}: {INSTALL}"
+def _legacy_dir(version: str = "0.14.0") -> Path:
+    folder = LEGACY_DIR.with_name(f"lmdeploy-{version}")
+    if not (folder / "lmdeploy").is_dir():
+        message = f"LMDeploy {version} is not in {folder}: {INSTALL}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    return LEGACY_DIR
+    return folder
 
 
 def test_014_resolution_registration_and_template(release_config, tmp_path):
@@ -537,23 +539,27 @@ assert importlib.util.find_spec("kernels") is None, importlib.util.find_spec("ke
 """
 
 
-@pytest.mark.parametrize("version", ["0.18.0", "0.14.0"])
-def test_exported_folder_registers_itself_without_this_package(release_ckpt, tmp_path, version):
+@pytest.mark.parametrize("version", ["0.18.0", "0.14.0", "0.12.2", "0.12.1"])
+def test_exported_folder_loads_in_lmdeploy_without_this_package(release_ckpt, tmp_path, version):
     """What ``lmdeploy serve api_server DIR --trust-remote-code`` does with a ``mono export`` folder, in a process
     where this package cannot be imported: the engine reads the config with trust_remote_code=True, which runs the
-    folder's registration; LMDeploy's resolver then returns the folder's own LMDeploy model (the bundled copy of
-    mono/deploy/lmdeploy/models.py), which reproduces the release's prefill logits (fp32, reference ops); the stop
-    ids come from the folder's generation_config.json."""
+    folder's registration.
+
+    From 0.12.2 LMDeploy's resolver then returns the folder's own LMDeploy model (the bundled copy of
+    mono/deploy/lmdeploy/models.py), while its own Mono-InternVL no longer builds (0.12.2, 0.14) or is gone (0.18).
+    On 0.12.1 nothing is registered and LMDeploy's own implementation loads the folder. Either way the model
+    reproduces the release's prefill logits (fp32, reference ops); the stop ids come from generation_config.json."""
     from mono.deploy.export import export
 
     folder = export(release_ckpt, tmp_path / "exp", dtype="float32", progress=False)
     out = _run(_BLOCK_OWN_PACKAGES + _REFERENCE_OPS + textwrap.dedent("""
-        import json, types
+        import inspect, json, types
         import numpy as np
         import lmdeploy
         import lmdeploy.pytorch.config as lmd_config
         from lmdeploy.pytorch.config import ModelConfig
         from lmdeploy.pytorch.model_inputs import BuildModelContext, StepContextManager
+        from lmdeploy.pytorch.models.internvl import InternVLChatModel
         from lmdeploy.pytorch.models.module_map import CUSTOM_MODULE_MAP
         from lmdeploy.pytorch.models.patch import _get_model_class, _get_module_map, build_model_context
         from lmdeploy.pytorch.weight_loader.model_weight_loader import load_model_weights
@@ -567,36 +573,59 @@ def test_exported_folder_registers_itself_without_this_package(release_ckpt, tmp
         except ImportError:
             out["mono"] = "blocked"
         lmd_config.is_bf16_supported = lambda *a, **k: True  # no CUDA here
-        model_config = ModelConfig.from_pretrained(folder, trust_remote_code=True, dtype="bfloat16",
-                                                   device_type="cuda")
+        def accepts(fn, name):  # keyword arguments differ between releases
+            return name in inspect.signature(fn).parameters
+
+        extra = {"device_type": "cuda"} if accepts(ModelConfig.from_pretrained, "device_type") else {}
+        model_config = ModelConfig.from_pretrained(folder, trust_remote_code=True, dtype="bfloat16", **extra)
         out["after"] = dict(CUSTOM_MODULE_MAP)
         hf = model_config.hf_config
         cls = _get_model_class(hf, _get_module_map())
         out["cls"] = f"{cls.__module__}.{cls.__qualname__}"
-        ctx = BuildModelContext()
-        with build_model_context(ctx):
-            model = cls(hf, StepContextManager(ctx), dtype=torch.float32, device=torch.device("cpu"))
+
+        def build(model_cls):
+            ctx = BuildModelContext()
+            with build_model_context(ctx):
+                return model_cls(hf, StepContextManager(ctx), dtype=torch.float32, device=torch.device("cpu"))
+
+        if cls is not InternVLChatModel:
+            try:
+                build(InternVLChatModel)
+                out["native"] = "builds"
+            except Exception as err:
+                out["native"] = f"{type(err).__name__}: {err}"
+        model = build(cls)
         load_model_weights(model, folder)
         caches = [(None, None)] * hf.llm_config.num_hidden_layers
         for case in ("a_text", "b_image"):
             ids = torch.from_numpy(ref[f"{case}__input_ids"])
             kwargs = {}
             if case == "b_image":
-                kwargs = dict(pixel_values=torch.from_numpy(ref["b_image__pixel_values"]), image_mask=ids == 100)
+                mask = ids == 100
+                kwargs = dict(pixel_values=torch.from_numpy(ref["b_image__pixel_values"]), image_mask=mask)
+                if cls is InternVLChatModel:  # LMDeploy's own model takes the expert routing as indices
+                    pos = torch.arange(ids.shape[1])
+                    kwargs.update(vision_embedding_indexing=pos[mask[0]], text_embedding_indexing=pos[~mask[0]])
             with torch.inference_mode():
                 hidden = model(ids, torch.arange(ids.shape[1])[None], caches, types.SimpleNamespace(quant_policy=0),
                                **kwargs)
                 logits = model.get_logits(hidden)
             out[case] = (logits - torch.from_numpy(ref[f"{case}__logits"])).abs().max().item()
-        out["eos"] = get_hf_gen_cfg(folder, trust_remote_code=True).get("eos_token_id")
+        gen_kwargs = {"trust_remote_code": True} if accepts(get_hf_gen_cfg, "trust_remote_code") else {}
+        out["eos"] = get_hf_gen_cfg(folder, **gen_kwargs).get("eos_token_id")
         print(json.dumps(out))
-    """), str(folder), str(RELEASE_TINY_REF), pythonpath=None if version == "0.18.0" else str(_legacy_dir()))
+    """), str(folder), str(RELEASE_TINY_REF), pythonpath=None if version == "0.18.0" else str(_legacy_dir(version)))
     assert out["version"] == version and out["mono"] == "blocked"
     assert out["before"] == {}
-    registered = out["after"]["InternVLChatModel"]
-    assert registered.startswith("transformers_modules.") and registered == out["cls"], out
-    assert registered.endswith(".lmdeploy_mono_internvl.MonoInternVLChatModel")
-    assert out["after"]["MonoInternVL"] == registered
+    if version == "0.12.1":
+        assert out["after"] == {} and out["cls"] == "lmdeploy.pytorch.models.internvl.InternVLChatModel", out
+    else:
+        registered = out["after"]["InternVLChatModel"]
+        assert registered.startswith("transformers_modules.") and registered == out["cls"], out
+        assert registered.endswith(".lmdeploy_mono_internvl.MonoInternVLChatModel")
+        assert out["after"]["MonoInternVL"] == registered
+        if version != "0.18.0":
+            assert out["native"] == "AttributeError: 'InternLM2VEForCausalLM' object has no attribute 'lm_head'", out
     assert out["a_text"] <= RELEASE_TOL and out["b_image"] <= RELEASE_TOL, out
     assert out["eos"] == [2, 97, 96]  # </s>, <|im_end|>, <|im_start|>
 

@@ -77,10 +77,12 @@ SUPPORTED = {
 }
 NATIVE_SINCE = (0, 6, 3)
 REMOVED_IN = (0, 15, 0)
-# Exercised by tests/mono/test_lmdeploy.py on the CPU (both: resolution, the registered model's prefill logits
-# against the release's, the chat template; 0.18.0 also: registration across processes, weight loading) and by
-# tests/mono/test_lmdeploy_gpu.py on CUDA (the installed version).
-TESTED_VERSIONS = ("0.14.0", "0.18.0")
+# Exercised by tests/mono/test_lmdeploy.py on the CPU, each in a process where this package cannot be imported:
+# an exported folder read the way the engine reads it, resolved (0.12.1: LMDeploy's own model; the others: the
+# folder's self-registered one; 0.12.2 / 0.14.0: LMDeploy's own fails to build), prefill logits equal to the
+# release's. 0.14.0 and 0.18.0 also: this package's registration, its chat template; 0.18.0: registration across
+# processes, weight loading. tests/mono/test_lmdeploy_gpu.py runs the installed version on CUDA.
+TESTED_VERSIONS = ("0.12.1", "0.12.2", "0.14.0", "0.18.0")
 LMDEPLOY_TEMPLATE_NAME = "internvl2-internlm2"
 INSTALL_HINT = (
     "install it with `scripts/install_lmdeploy.sh` (LMDeploy's Python code and the few packages it imports) "
