@@ -529,4 +529,6 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print(f"{shards} shard(s), {_human(index['metadata']['total_size'])} of {args.dtype} weights, "
           f"{'tokenizer included' if has_tokenizer else 'NO tokenizer (pass --tokenizer DIR)'}")
     print(f"load with: AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print(f"serve with: mono serve {out}   (or: lmdeploy serve api_server {out} --backend pytorch "
+          "--dtype bfloat16 --trust-remote-code)")
     return 0

@@ -499,6 +499,7 @@ def test_cli_exports_and_prints_the_load_hint(chat_src, tmp_path, capsys):
     shards = len(_shard_names(out))
     assert str(out) in printed and f"{shards} shard(s)" in printed and "bfloat16" in printed
     assert f"AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)" in printed
+    assert f"mono serve {out}" in printed and f"lmdeploy serve api_server {out}" in printed
 
 
 @pytest.mark.parametrize(
