@@ -19,6 +19,11 @@ Nothing happens where LMDeploy is not imported (plain transformers), on 0.6.3 - 
 implementation loads the folder), or where the names are mapped already (:func:`mono.deploy.lmdeploy.register`,
 or a user's own module map): an explicit registration wins.
 
+Without ``--trust-remote-code`` LMDeploy reads the config as a plain ``PretrainedConfig`` whose nested configs are
+dicts, runs none of the folder's code, and fails with ``AttributeError: 'dict' object has no attribute
+'hidden_size'`` (0.18). Without ``--backend pytorch`` it picks TurboMind, which lists ``InternVLChatModel`` but has
+no Mono-InternVL.
+
 Limits: the registration lives in processes that import the config module. Executor workers that receive the
 config by pickling instead (``tp > 1``: LMDeploy's ``mp`` / Ray executors) do not import it; use ``mono serve``
 (whose engine config carries the registration into every worker) for those.
