@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .config import load_config, save_config
 from .job import JobConfig, RecipeConfig
-from .train import TrainResult, train
+from .train import TrainResult, close_distributed, train
 
 __all__ = ["main", "run_recipe", "stage_jobs"]
 
@@ -75,10 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every stage")
     args = parser.parse_args(argv)
     run_recipe(args.recipe, args.overrides)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -84,6 +85,18 @@ def _init_distributed(device_kind: str) -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
+def close_distributed() -> None:
+    """End the process group on every rank together: wait for all ranks, free the trainer's sharded tensors, then
+    destroy the group. Without the barrier and the collection, gloo aborted about every other 2-rank run at exit
+    ("terminate called without an active exception"): one rank tore its connections down while another still
+    exported, or FSDP parameters that outlived the group were freed during interpreter shutdown."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
@@ -444,8 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     job = load_config(JobConfig, args.config, args.overrides)
     train(job, stop_at=args.stop_at)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from evip.checkpoint import Checkpointer, TrainState
+from evip.train import close_distributed
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -55,8 +56,8 @@ def fsdp_save(folder: Path) -> None:
     )
     if dist.get_rank() == 0:
         torch.save({"model": full_model, "optim": full_optim}, folder / "reference.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    del model, optimizer, full_model, full_optim  # sharded tensors must not outlive the group (gloo aborts at exit)
+    close_distributed()
 
 
 def save_loop(folder: Path) -> None:
