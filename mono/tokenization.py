@@ -8,6 +8,7 @@ expert, so each of these must be a single, never-split token with an id inside t
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -73,7 +74,7 @@ def load_tokenizer(
         raise FileNotFoundError(f"tokenizer path '{path}' does not exist; pass a checkpoint folder or a .gguf file")
     if path.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code, **_folder_config(path)
         )
     elif path.suffix.lower() == ".gguf":
         tokenizer = AutoTokenizer.from_pretrained(
@@ -86,6 +87,26 @@ def load_tokenizer(
     if add_missing_special_tokens:
         add_special_tokens(tokenizer)
     return tokenizer
+
+
+def _folder_config(folder: Path) -> dict:
+    """``{"config": ...}`` for a Mono-InternVL folder, else ``{}``.
+
+    AutoTokenizer reads the folder's config.json through AutoConfig, which does not know ``internvl_chat`` (this
+    package leaves it to remote code, see :func:`mono.register_auto_classes`) and warned on every load that the
+    config is of another model type; handing it the parsed config avoids that."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return {}  # AutoTokenizer reports a broken config.json itself
+    if model_type != "internvl_chat":
+        return {}
+    from .configuration import MonoInternVLConfig
+
+    return {"config": MonoInternVLConfig.from_pretrained(str(folder))}
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: Optional[int] = None) -> None:

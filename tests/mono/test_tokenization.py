@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,19 @@ def test_file_that_is_not_gguf(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="tokenizer.model"):
         load_tokenizer(path)
+
+
+def test_mono_folder_loads_without_a_model_type_warning(tmp_path, capfd, caplog):
+    # AutoTokenizer reads config.json; AutoConfig does not know internvl_chat (left to remote code), and used to
+    # warn on every load that the folder's config is "a model of type internvl_chat" used for another type.
+    from tests.mono.conftest import tiny_chat_model
+
+    model, tok = tiny_chat_model()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        reloaded = load_tokenizer(tmp_path)
+    said = capfd.readouterr().err + caplog.text
+    assert "model of type" not in said, said
+    assert reloaded.convert_tokens_to_ids("<IMG_CONTEXT>") == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
