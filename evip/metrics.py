@@ -85,6 +85,7 @@ def model_flops(
     trainable: Optional[Collection[str]] = None,
     backward: bool = True,
     causal: bool = True,
+    num_logit_tokens: Optional[int] = None,
 ) -> FlopCount:
     """Model FLOPs of one micro-batch: 2 FLOPs per multiply-add of every matmul, nothing for element-wise work.
 
@@ -97,7 +98,8 @@ def model_flops(
       token; attention core ``4 H Dh * pairs``, where a block of L tokens has ``L (L + 1) / 2`` query-key pairs
       when ``causal`` (what a causal flash kernel computes) and ``L^2`` otherwise (torchtitan's
       ``12 * layers * H * Dh * L`` per token is this non-causal term times 3);
-    - LM head ``2 T D V`` (logits are computed at every position).
+    - LM head ``2 N D V`` for the N positions that get logits (every position unless ``num_logit_tokens`` says
+      fewer: the trainer computes logits only where a target is).
 
     Backward: with ``trainable=None`` it is the convention MFU figures use (PaLM, torchtitan): twice the forward
     for every part, so training = 3 x forward; use it for MFU so numbers compare across stages and codebases.
@@ -118,6 +120,7 @@ def model_flops(
         trainable: ``None`` for the 3x convention, else the trained parameter groups.
         backward: count the backward pass (training); ``False`` gives the forward only.
         causal: count causal attention pairs (``False``: the full ``L^2``).
+        num_logit_tokens: positions that get logits (default: all ``T``).
 
     Raises:
         ValueError: negative counts, lengths that do not add up, too few tiles, unknown parameter groups.
@@ -130,6 +133,9 @@ def model_flops(
     n_txt, n_vis = int(num_text_tokens), int(num_visual_tokens)
     if n_txt < 0 or n_vis < 0 or any(n <= 0 for n in lens):
         raise ValueError(f"token counts must be >= 0 and seq_lens > 0; got text {n_txt}, visual {n_vis}, {lens}")
+    n_logits = n_txt + n_vis if num_logit_tokens is None else int(num_logit_tokens)
+    if not 0 <= n_logits <= n_txt + n_vis:
+        raise ValueError(f"num_logit_tokens must be in 0..{n_txt + n_vis} (the decoder tokens), got {n_logits}")
     if sum(lens) != n_txt + n_vis:
         raise ValueError(
             f"seq_lens add up to {sum(lens)} tokens but text {n_txt} + visual {n_vis} = {n_txt + n_vis}; pass the "
@@ -156,7 +162,7 @@ def model_flops(
         patch=mm(tiles * grid * grid, vis.num_channels * vis.patch_size**2, vis.hidden_size),
         proj1=mm(tiles * q, fan_in, d), proj2=mm(tiles * q, d, d),
         qkv=mm(n_tok, d, qkv_out), wo=mm(n_tok, h * dh, d), core=4.0 * h * dh * pairs,
-        w13=2 * mm(n_tok, d, f), w2=mm(n_tok, f, d), head=mm(n_tok, d, v),
+        w13=2 * mm(n_tok, d, f), w2=mm(n_tok, f, d), head=mm(n_logits, d, v),
     )
     if groups is None or not backward:
         factor = 3.0 if backward else 1.0

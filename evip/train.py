@@ -47,7 +47,7 @@ from .data.loader import TrainLoader, merge_states
 from .data.preprocess import Preprocessor
 from .data.sources import build_sources
 from .job import JobConfig
-from .loss import scale_loss, step_denominator, weighted_ce
+from .loss import IGNORE, scale_loss, step_denominator, weighted_ce
 from .stages import set_trainable
 
 __all__ = ["NonFiniteError", "TrainResult", "Trainer", "main", "train"]
@@ -304,14 +304,18 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _forward_loss(self, batch, denominator: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss to backpropagate, this micro-batch's weighted CE sum)``; see :mod:`evip.loss`."""
+        """``(loss to backpropagate, this micro-batch's weighted CE sum)``; see :mod:`evip.loss`.
+
+        Logits are computed only where a target is (the LM head and its fp32 logits are the widest tensors of a
+        step; captions and answers are a fraction of the tokens)."""
+        keep = batch.targets_BT != IGNORE
         with self._autocast():
             out = self.model(
                 input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT,
                 attention_mask=batch.attention_mask_BTT, pixel_values=batch.pixel_values_N,
-                image_flags=batch.image_flags_N,
+                image_flags=batch.image_flags_N, logits_to_keep=keep,
             )
-        loss_sum, _ = weighted_ce(out.logits, batch.targets_BT, batch.weights_BT)
+        loss_sum, _ = weighted_ce(out.logits[None], batch.targets_BT[keep][None], batch.weights_BT[keep][None])
         return scale_loss(loss_sum, denominator, self.world), loss_sum.detach()
 
     def train_step(self, batches: Sequence) -> tuple[float, float, bool]:
@@ -430,6 +434,7 @@ class Trainer:
         return M.model_flops(
             self.model_config, num_text_tokens=batch.num_text_tokens, num_visual_tokens=batch.num_visual_tokens,
             seq_lens=batch.seq_lens, num_tiles=int(batch.image_flags_N.sum()) if batch.image_flags_N is not None else 0,
+            num_logit_tokens=int((batch.targets_BT != IGNORE).sum()),
         )
 
     def _skips(self) -> dict[str, int]:

@@ -401,9 +401,18 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         visual_token_mask: torch.Tensor | None = None,
         num_visual_tokens: int | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits (fp32) for every position; ``loss`` is next-token cross entropy over labels != -100."""
+        """Logits (fp32); ``loss`` is next-token cross entropy over labels != -100 (needs every position's logits).
+
+        ``logits_to_keep`` picks the positions that get logits, so the LM head (the widest matmul) and the fp32
+        logits are not paid for where nobody reads them: ``0`` every position ``(B, L, V)``; ``k > 0`` the last k
+        ``(B, k, V)`` (generation asks for 1); a 1-D index tensor those sequence positions ``(B, K, V)``; a boolean
+        ``(B, L)`` mask the marked positions of all rows, flattened in row-major order ``(N, V)`` (training: the
+        positions with a target).
+        """
+        check_loss_inputs(labels, logits_to_keep)
         hidden, cache = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -414,7 +423,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             num_visual_tokens=num_visual_tokens,
         )
-        logits = self.output(hidden).float()
+        logits = self.output(keep_positions(hidden, logits_to_keep)).float()
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
@@ -431,6 +440,8 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         # which is meaningful only for the prompt); every later step feeds the newest token, always text.
         num_past = past_key_values.get_seq_length() if past_key_values is not None else 0
         inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": True}
+        if "logits_to_keep" in kwargs:  # generate() asks for the last position only (assisted decoding: more)
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         if num_past == 0:
             if inputs_embeds is not None:
                 inputs["inputs_embeds"] = inputs_embeds
@@ -447,6 +458,30 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 
 class InternLM2VEForCausalLM(InternLM2ForCausalLM):
     """The Mono-InternVL decoder: :class:`InternLM2ForCausalLM` whose layers carry ``feed_forward_ve``."""
+
+
+def check_loss_inputs(labels: torch.Tensor | None, logits_to_keep: int | torch.Tensor) -> None:
+    """``labels`` (the built-in loss) need every position's logits."""
+    if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        raise ValueError("labels need the logits of every position; pass logits_to_keep=0 with labels")
+
+
+def keep_positions(hidden_BLD: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The hidden states that get logits (see :meth:`InternLM2ForCausalLM.forward`'s ``logits_to_keep``)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dtype == torch.bool:
+            if logits_to_keep.shape != hidden_BLD.shape[:2]:
+                raise ValueError(
+                    f"logits_to_keep mask has shape {tuple(logits_to_keep.shape)}, the sequence batch "
+                    f"{tuple(hidden_BLD.shape[:2])}"
+                )
+            return hidden_BLD[logits_to_keep.to(hidden_BLD.device)]
+        if logits_to_keep.dim() != 1:
+            raise ValueError(f"logits_to_keep indices must be 1-D, got shape {tuple(logits_to_keep.shape)}")
+        return hidden_BLD[:, logits_to_keep.to(hidden_BLD.device)]
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 or a tensor, got {logits_to_keep!r}")
+    return hidden_BLD[:, -logits_to_keep:] if logits_to_keep else hidden_BLD
 
 
 def causal_lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:

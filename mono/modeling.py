@@ -22,7 +22,9 @@ from transformers.utils import ModelOutput
 
 from . import checkpoint as ckpt
 from .configuration import InternLM2Config, MonoInternVLConfig
-from .internlm2 import InternLM2PreTrainedModel, InternLM2VEForCausalLM, causal_lm_loss, max_context_length
+from .internlm2 import (
+    InternLM2PreTrainedModel, InternLM2VEForCausalLM, causal_lm_loss, check_loss_inputs, max_context_length,
+)
 from .templates import IMAGE_PLACEHOLDER, expand_image_placeholders, get_template
 from .tokenization import left_padded
 from .vision import PatchEmbeddings, PatchEmbedModel, build_projector, pixel_shuffle
@@ -167,15 +169,19 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> MonoInternVLOutput:
         """Logits for ``input_ids`` (whose ``<IMG_CONTEXT>`` tokens take the tiles' visual tokens in order).
 
         ``pixel_values (N, 3, S, S)`` holds every tile of the batch in order; ``image_flags (N,)`` marks dummy
-        tiles (0) to drop. ``labels`` (-100 = ignored) give the next-token loss.
+        tiles (0) to drop. ``labels`` (-100 = ignored) give the next-token loss. ``logits_to_keep`` limits the
+        logits to some positions (last k, indices, or a boolean ``(B, L)`` mask; see
+        :meth:`~mono.internlm2.InternLM2ForCausalLM.forward`).
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
+        check_loss_inputs(labels, logits_to_keep)
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0 and pixel_values is None
         embeds, mask, num_visual = self._embed(input_ids, pixel_values, image_flags, decoding=decoding)
         out = self.language_model(
@@ -186,6 +192,7 @@ class MonoInternVL(MonoInternVLPreTrainedModel, GenerationMixin):
             use_cache=use_cache if use_cache is not None else False,
             visual_token_mask=mask,
             num_visual_tokens=num_visual if mask is not None else None,
+            logits_to_keep=logits_to_keep,
         )
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         return MonoInternVLOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values, visual_token_mask=mask)

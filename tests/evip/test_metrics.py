@@ -125,6 +125,27 @@ def test_training_flops_with_frozen_groups_match_flop_counter_mode(groups, visua
     assert counter.get_total_flops() == expected.total
 
 
+@pytest.mark.parametrize("groups", [STAGES["s1.1"].trainable, STAGES["s1.3"].trainable], ids="+".join)
+def test_training_flops_with_logits_at_target_positions_match_flop_counter_mode(groups):
+    """The trainer's forward: logits only where a target is (``logits_to_keep`` mask), counted by num_logit_tokens."""
+    model, ids, pixels = _model_and_inputs()
+    set_trainable(model, groups)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, -7:] = True
+    keep[:, 3] = True
+    expected = model_flops(model.config, num_text_tokens=NUM_TEXT, num_visual_tokens=NUM_VISUAL,
+                           seq_lens=[ids.shape[1]], num_tiles=NUM_TILES, trainable=groups, causal=False,
+                           num_logit_tokens=int(keep.sum()))
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(pixel_values=pixels, input_ids=ids, logits_to_keep=keep).logits.sum().backward()
+    assert counter.get_total_flops() == expected.total
+    all_positions = model_flops(model.config, num_text_tokens=NUM_TEXT, num_visual_tokens=NUM_VISUAL,
+                                seq_lens=[ids.shape[1]], num_tiles=NUM_TILES, trainable=groups, causal=False)
+    assert expected.lm_head < all_positions.lm_head and expected.ffn == all_positions.ffn
+    with pytest.raises(ValueError, match="num_logit_tokens"):
+        model_flops(model.config, num_text_tokens=2, num_visual_tokens=0, seq_lens=[2], num_logit_tokens=3)
+
+
 def test_text_only_training_flops_match_flop_counter_mode():
     model, _, _ = _model_and_inputs()
     ids = torch.randint(3, 96, (1, 17))

@@ -14,6 +14,7 @@ import yaml
 
 from evip.config import from_dict
 from evip.job import JobConfig
+from evip.loss import weighted_ce
 from evip.recipe import run_recipe
 from evip.stages import group_of
 from evip.train import NonFiniteError, Trainer, train
@@ -270,3 +271,24 @@ def test_export_in_bf16_is_the_release_format(workspace, tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert json.loads((export / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert MonoInternVL.from_pretrained(export).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("stage, dataset", [("s1.1", "pairs"), ("s2", "convs")])
+def test_loss_with_logits_at_targets_equals_the_loss_over_all_logits(workspace, tmp_path, stage, dataset):
+    # The trainer computes logits only where a target is; loss and gradients are those of the full logits.
+    init = _mono_folder(workspace, tmp_path) if stage != "s1.1" else None
+    trainer = Trainer(make_job(workspace, stage, tmp_path / "run", dataset=dataset, init=init))
+    batch = next(iter(trainer.loader))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    loss, loss_sum = trainer._forward_loss(batch, denominator=7.0)
+    grads = torch.autograd.grad(loss, params)
+    out = trainer.model(
+        input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, attention_mask=batch.attention_mask_BTT,
+        pixel_values=batch.pixel_values_N, image_flags=batch.image_flags_N,
+    )
+    ref_sum, _ = weighted_ce(out.logits, batch.targets_BT, batch.weights_BT)
+    ref_grads = torch.autograd.grad(ref_sum / 7.0, params)
+    assert 0 < int((batch.targets_BT != -100).sum()) < batch.targets_BT.numel()
+    torch.testing.assert_close(loss_sum, ref_sum.detach(), rtol=1e-5, atol=1e-6)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)

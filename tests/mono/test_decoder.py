@@ -168,3 +168,50 @@ def test_loss_ignores_minus_100():
     out = model(input_ids=ids, labels=labels)
     manual = F.cross_entropy(out.logits[:, 2:-1].reshape(-1, 64), ids[:, 3:].reshape(-1))
     torch.testing.assert_close(out.loss, manual)
+
+
+def test_logits_to_keep_selects_positions_of_the_full_logits():
+    model = _lm()
+    ids = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids, logits_to_keep=3).logits, full[:, -3:], rtol=1e-6, atol=1e-6)
+        index = torch.tensor([0, 4, 8])
+        torch.testing.assert_close(model(input_ids=ids, logits_to_keep=index).logits, full[:, index], rtol=1e-6,
+                                   atol=1e-6)
+        mask = torch.zeros(2, 9, dtype=torch.bool)
+        mask[0, [1, 5]] = True
+        mask[1, [0, 2, 8]] = True
+        got = model(input_ids=ids, logits_to_keep=mask).logits
+    assert got.shape == (5, 64)
+    torch.testing.assert_close(got, full[mask], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "keep, match",
+    [(-1, "int >= 0"), (torch.zeros(2, 8, dtype=torch.bool), r"mask has shape \(2, 8\)"),
+     (torch.zeros(2, 2, dtype=torch.long), "1-D")],
+)
+def test_logits_to_keep_rejects_bad_values(keep, match):
+    with pytest.raises(ValueError, match=match):
+        _lm()(input_ids=torch.randint(3, 64, (2, 9)), logits_to_keep=keep)
+
+
+def test_labels_need_every_position():
+    ids = torch.randint(3, 64, (1, 6))
+    with pytest.raises(ValueError, match="logits_to_keep=0"):
+        _lm()(input_ids=ids, labels=ids, logits_to_keep=1)
+
+
+def test_generate_computes_logits_of_the_last_prompt_position_only():
+    # transformers passes logits_to_keep=1; prefilling a long prompt must not build (B, L, V) fp32 logits.
+    model = _lm()
+    rows = []
+    hook = model.output.register_forward_hook(lambda mod, args, out: rows.append(tuple(args[0].shape)))
+    ids = torch.randint(3, 64, (1, 11))
+    try:
+        got = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert rows[0] == (1, 1, 48) and all(r == (1, 1, 48) for r in rows), rows
+    assert torch.equal(got, _greedy_without_cache(model, ids, 4))
