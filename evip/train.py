@@ -23,6 +23,7 @@ logged step), ``tb/`` (TensorBoard), ``skipped-rank<r>.jsonl`` (every skipped sa
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import gc
 import json
@@ -278,8 +279,13 @@ class Trainer:
         if self.rank == 0:
             staging = self.out / ".export.tmp"
             shutil.rmtree(staging, ignore_errors=True)
+            config = copy.deepcopy(self.model_config)
+            # The tiling the model was trained with becomes its inference default (as InternVL's fine-tuning does):
+            # chat and `evip eval` then tile images as training did.
+            config.max_dynamic_patch = self.job.max_tiles
+            config.min_dynamic_patch = min(self.job.data.min_tiles, self.job.max_tiles)
             with torch.device("meta"):
-                model = MonoInternVL(self.model_config)
+                model = MonoInternVL(config)
             model.load_state_dict(state, assign=True)
             dtype = self.job.checkpoint.export_dtype
             if dtype == "bfloat16" or (dtype == "auto" and self.bf16):

@@ -68,9 +68,11 @@ def test_s1_1_trains_exactly_the_visual_parts_and_exports(workspace, tmp_path):
         dtype=torch.float32,
     )
     before = {k: v.clone() for k, v in start.state_dict().items()}
-    result = train(make_job(workspace, "s1.1", tmp_path / "run"))
+    result = train(make_job(workspace, "s1.1", tmp_path / "run", data={"max_tiles": 3}))
     assert result.step == 4 and result.export_dir == tmp_path / "run" / "export"
     trained = MonoInternVL.from_pretrained(result.export_dir, dtype=torch.float32)
+    # the training tile cap is the exported inference default (the start had the release's 6)
+    assert start.config.max_dynamic_patch == 6 and trained.config.max_dynamic_patch == 3
     after = trained.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     visual = {k for k in before if group_of(k) in ("patch_embed", "projector", "visual_experts")}
