@@ -17,16 +17,18 @@ Layout written under ``root`` (paths in ``manifest.json`` are relative to it)::
                            digit records carry their load_digits() index as "digit_index"
 
 Scenes come in two kinds, so that every question has one visual answer a 3-layer demo model can learn on a CPU in
-minutes: an *object* scene holds one shape (and sometimes a word) and answers colour, shape, grounding and OCR
-questions; a *group* scene holds 1..5 shapes (and sometimes a word) and answers counting, OCR and caption
-questions. S1.1/S1.2 captions describe both kinds and real digits (:data:`_PAIR_SHAPES`), so the concepts are learnt
+minutes: an *object* scene is a single-tile (1:1) close-up of one shape (and sometimes a word) and answers colour,
+shape, grounding and OCR questions; a *group* scene holds 1..5 shapes (and sometimes a word) at any of the aspect
+ratios and answers counting, OCR and caption questions. S1.1/S1.2 captions describe both kinds and real digits (:data:`_PAIR_SHAPES`), so the concepts are learnt
 before the task formats of S1.3.
 
 Answers are exact strings, the same in every stage and in the evaluation: colour and shape a lowercase word
 (``red``, ``circle``), count and digit a numeral (``3``, ``7``), OCR the word (``moon``), grounding
 ``<ref>red circle</ref><box>[[x1, y1, x2, y2]]</box>`` with integers in 0..1000 (:func:`grounding_answer`), caption
 the dense caption of :meth:`Scene.caption`. Training questions are drawn from :data:`QUESTIONS`; the evaluation
-asks the first (canonical) form.
+asks the first (canonical) form. No training conversation states an answer before it is asked (a colour question
+names the shape, a caption gives the count): the questions of a scene are split over as few samples as that allows
+(:func:`_leak_free`).
 
 Each part is drawn from its own random stream of ``(seed, part)``, so changing one size leaves the other parts
 byte-identical, and the evaluation scenes and the held-out digits never meet training.
@@ -46,6 +48,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..eval import normalize_answer
 from ..job import DatasetConfig
 from .scenes import (
     COLOURS, SHAPES, Box, Scene, digit_indices, digit_label, position_phrase, render_digit, render_scene,
@@ -57,7 +60,7 @@ __all__ = [
     "load_demo_data", "parse_grounding", "scene_question", "text_corpus", "write_demo_data",
 ]
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """Bumped whenever what is written changes, so old demo data is rewritten rather than reused."""
 
 STAGE_DIRS = {"s1.1": "s1_1", "s1.2": "s1_2", "s1.3": "s1_3", "s2": "s2"}
@@ -85,10 +88,15 @@ SCENE_KINDS: dict[str, tuple[str, ...]] = {
     "group": ("count", "ocr", "caption"),
 }
 """Scene kind -> the tasks it is asked (S1.3 and the evaluation); S2 adds ``exists`` to both."""
-# Object scenes are close-ups (shapes 2.5x the size): the demo model reads a colour or a shape, or a box, off
-# several visual tokens instead of one or two among sixteen, which it learnt several times faster. Group scenes
-# enlarge their shapes less (1.6x), so five still fit.
-_KIND_SCENES = {"object": {"num_objects": 1, "word_prob": 0.3, "scale": 2.5}, "group": {"word_prob": 0.4, "scale": 1.6}}
+# Object scenes are close-ups (shapes 2.5x the size) in one tile: the demo model reads a colour or a shape, or a
+# box, off several visual tokens instead of one or two among sixteen, which it learnt several times faster, and a
+# 1:1 image keeps the sample at 16 visual tokens (no second tile, no thumbnail). Group scenes enlarge their shapes
+# less (1.6x), so five still fit, and keep every aspect ratio, so dynamic tiling matters.
+_KIND_SCENES = {
+    "object": {"num_objects": 1, "word_prob": 0.3, "scale": 2.5, "aspect": "1:1"},
+    "group": {"word_prob": 0.4, "scale": 1.6},
+}
+_WORD = re.compile(r"[A-Za-z0-9]+")
 _STREAMS = {"s1.1": 11, "s1.2": 12, "s1.3": 13, "s2": 20, "eval": 99, "corpus": 7}
 _JPEG_QUALITY = 90
 _IRRELEVANT = (
@@ -112,8 +120,9 @@ class DemoDataSizes:
     s1_2: int = 1600
     """S1.2 image-caption pairs (dense captions), the same mix as S1.1."""
     s1_3_scenes: int = 4800
-    """S1.3 scene images, object and group kinds alternating; each is one multi-turn sample asking every task of
-    its kind it can answer (OCR only with a word), in random order: the image is encoded once for 2-4 answers."""
+    """S1.3 scene images, object and group kinds alternating; each is asked every task of its kind it can answer
+    (OCR only with a word), in random order, as one multi-turn sample (the image is encoded once for 2-4 answers),
+    or two when one question would give another's answer away."""
     s1_3_digits: int = 3000
     """S1.3 digit samples, cycling through the 1,500 training digits in a seeded order, each drawn anew (ink, size,
     offset), listed twice in meta.json (``repeat_time`` 2): an epoch shows every training digit four times."""
@@ -236,6 +245,39 @@ def scene_question(
         absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
         return form.format(ref=_pick(rng, absent)), "no", None
     raise ValueError(f"unknown task {task!r}; known: {', '.join(QUESTIONS)}")
+
+
+def _stated(answer: str, context: Sequence[str]) -> bool:
+    """Whether a one-word ``answer`` already stands in ``context`` (earlier turns and the question), as a word or,
+    for numbers, as a numeral or number word. Longer answers (captions, grounding boxes) count as never stated."""
+    if len(answer.split()) != 1:
+        return False
+    key = normalize_answer(answer, numeric=True)
+    return any(normalize_answer(w, numeric=True) == key for text in context for w in _WORD.findall(text))
+
+
+def _leak_free(qas: Sequence[tuple[str, str]], *, limit: Optional[int] = None) -> list[list[tuple[str, str]]]:
+    """``qas`` (question, answer) in order, split into as few conversations as possible in which no answer is
+    given away by an earlier turn or its own question: a multi-turn sample that asks "What colour is the square?"
+    before "Which shape is purple?" teaches copying "square" from the text instead of reading the image (it
+    did: the demo's shape accuracy stayed at chance until samples were split this way). Each question goes to
+    the first conversation where its answer is not stated yet; with ``limit`` only the first conversation is
+    kept, capped at ``limit`` turns."""
+    conversations: list[list[tuple[str, str]]] = []
+    for question, answer in qas:
+        for conv in conversations:
+            if (limit is None or len(conv) < limit) and not _stated(answer, [*(t for qa in conv for t in qa), question]):
+                conv.append((question, answer))
+                break
+        else:
+            if limit is None or not conversations:
+                conversations.append([(question, answer)])
+    return conversations[:1] if limit is not None else conversations
+
+
+def _image_turns(qas: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The image comes with the first question."""
+    return [(("<image>\n" if j == 0 else "") + q, a) for j, (q, a) in enumerate(qas)]
 
 
 def _alt_text(scene: Scene, rng: np.random.Generator) -> str:
@@ -434,10 +476,11 @@ def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) ->
         image = f"scene-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_scene(scene)))
         truth.append(json.dumps({"image": image, "kind": kind, **scene.to_json()}))
-        qas = [qa for qa in (scene_question(t, scene, rng) for t in SCENE_KINDS[kind]) if qa is not None]
+        qas = [qa[:2] for qa in (scene_question(t, scene, rng) for t in SCENE_KINDS[kind]) if qa is not None]
         qas = [qas[int(j)] for j in rng.permutation(len(qas))]
-        turns = [(("<image>\n" if j == 0 else "") + q, a) for j, (q, a, _) in enumerate(qas)]
-        lines[f"{kind}s"].append(_llava(f"{kind}-{i:06d}", turns, image))
+        for k, conv in enumerate(_leak_free(qas)):  # usually one sample, two when a question would leak an answer
+            suffix = "" if k == 0 else f"-{k}"
+            lines[f"{kind}s"].append(_llava(f"{kind}-{i:06d}{suffix}", _image_turns(conv), image))
     for i, index in enumerate(_train_digits(sizes.s1_3_digits, rng)):
         image = f"digit-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_digit(index, rng)))
@@ -461,10 +504,10 @@ def _write_s2(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) -> d
         (folder / "images" / image).write_bytes(_jpeg(render_scene(scene)))
         truth.append(json.dumps({"image": image, "kind": kind, **scene.to_json()}))
         tasks = (*SCENE_KINDS[kind], "exists")
-        candidates = [qa for qa in (scene_question(t, scene, rng) for t in tasks) if qa is not None]
-        chosen = [candidates[int(j)] for j in rng.permutation(len(candidates))[: int(rng.integers(2, 4))]]
-        turns = [(("<image>\n" if j == 0 else "") + q, a) for j, (q, a, _) in enumerate(chosen)]
-        lines["scenes"].append(_llava(f"scene-{i:06d}", turns, image))
+        candidates = [qa[:2] for qa in (scene_question(t, scene, rng) for t in tasks) if qa is not None]
+        shuffled = [candidates[int(j)] for j in rng.permutation(len(candidates))]
+        chosen = _leak_free(shuffled, limit=int(rng.integers(2, 4)))[0]
+        lines["scenes"].append(_llava(f"scene-{i:06d}", _image_turns(chosen), image))
     for i, index in enumerate(_train_digits(sizes.s2_digits, rng)):
         image = f"digit-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_digit(index, rng)))

@@ -142,13 +142,16 @@ def test_manifest_counts_match_the_files(demo):
     assert meta["digit"]["repeat_time"] == 2 and meta["objects"]["repeat_time"] == meta["groups"]["repeat_time"] == 1
     # Object and group scenes alternate, one multi-turn sample each: object scenes ask colour, shape and grounding
     # (and OCR with a word), group scenes count and caption (and OCR); the image comes with the first turn only.
-    assert demo.counts["s1.3"]["objects"] == (SMALL.s1_3_scenes + 1) // 2
-    assert demo.counts["s1.3"]["groups"] == SMALL.s1_3_scenes // 2
-    for name, least in (("objects", 3), ("groups", 2)):
-        for row in _jsonl(demo.root / "s1_3" / f"{name}.jsonl"):
+    # A scene's questions are split over two samples when one would give another's answer away (see below).
+    for name, scenes, least in (("objects", (SMALL.s1_3_scenes + 1) // 2, 3), ("groups", SMALL.s1_3_scenes // 2, 2)):
+        rows = _jsonl(demo.root / "s1_3" / f"{name}.jsonl")
+        assert demo.counts["s1.3"][name] == len(rows) >= scenes
+        per_image: dict[str, int] = {}
+        for row in rows:
             humans = [t["value"] for t in row["conversations"][0::2]]
-            assert len(humans) >= least and humans[0].startswith("<image>\n")
-            assert not any("<image>" in h for h in humans[1:])
+            assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+            per_image[row["image"]] = per_image.get(row["image"], 0) + len(humans)
+        assert len(per_image) == scenes and min(per_image.values()) >= least
     for stage, size in (("s1.1", SMALL.s1_1), ("s1.2", SMALL.s1_2)):
         assert demo.counts[stage]["digits"] == size // 4
 
@@ -355,3 +358,35 @@ def test_text_corpus_is_seeded_scene_text():
     corpus = text_corpus(40, seed=0)
     assert corpus == text_corpus(40, seed=0) != text_corpus(40, seed=1)
     assert len(corpus) == 40 and all(NAMES.search(text) for text in corpus)
+
+
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _given_away(answer: str, earlier: str) -> bool:
+    words = re.findall(r"[a-z0-9]+", earlier.lower())
+    key = answer.lower()
+    return key in words or (key.isdigit() and int(key) < 10 and _NUMBER_WORDS[int(key)] in words)
+
+
+def test_no_answer_is_given_away_by_an_earlier_turn(demo):
+    # "What colour is the square?" then "Which shape is purple?" in one sample teaches copying "square" from the
+    # text; a caption ("There are 3 shapes ...") before "How many shapes are there?" the same for counting.
+    checked = 0
+    for path in [demo.root / "s1_3" / "objects.jsonl", demo.root / "s1_3" / "groups.jsonl",
+                 demo.root / "s2" / "scenes.jsonl"]:
+        for row in _jsonl(path):
+            turns = [t["value"] for t in row["conversations"]]
+            for k in range(1, len(turns), 2):
+                if len(turns[k].split()) == 1:
+                    assert not _given_away(turns[k], " ".join(turns[:k])), (path.name, row["id"], turns)
+                    checked += 1
+    assert checked > 0
+
+
+def test_object_scenes_are_single_tile_close_ups(demo):
+    for stage in ("s1_3", "s2", "eval"):
+        truths = _jsonl(demo.root / stage / "_ground_truth.jsonl")
+        objects = [t for t in truths if t["kind"] == "object"]
+        assert objects and all(t["aspect"] == "1:1" and t["count"] == 1 for t in objects)
+        assert {t["aspect"] for t in truths if t["kind"] == "group"} > {"1:1"}  # groups keep every aspect ratio
