@@ -318,7 +318,8 @@ class Trainer:
         with self._autocast():
             out = self.model(
                 input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT,
-                attention_mask=batch.attention_mask_BTT, pixel_values=batch.pixel_values_N,
+                attention_mask=batch.packed if batch.packed is not None else batch.attention_mask_BTT,
+                pixel_values=batch.pixel_values_N,
                 image_flags=batch.image_flags_N, logits_to_keep=keep,
             )
         loss_sum, _ = weighted_ce(out.logits[None], batch.targets_BT[keep][None], batch.weights_BT[keep][None])

@@ -107,15 +107,94 @@ def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x_BHLD * cos + _rotate_half(x_BHLD) * sin
 
 
+@dataclass
+class PackedSequences:
+    """Where the samples of packed rows lie, so attention runs per sample instead of over whole rows.
+
+    A packed row of L tokens holding n samples with a block-diagonal causal mask makes SDPA compute all L^2 scores
+    and mask most of them; a pack of twenty 50-token samples in a 1024-token row wastes ~95% of the attention
+    work. Here every sample becomes one row of its own, padded at its end to the longest sample of its *bucket*
+    (samples are bucketed by length, doubling from 16 tokens, so padding at most doubles a sample), and runs
+    plain causal attention (padding at the end is never attended to by a real token). The results are scattered
+    back; tokens outside every sample (row padding) get zeros.
+
+    Pass it as ``attention_mask`` to :meth:`InternLM2Model.forward` (no KV cache: training and scoring only).
+    ``position_ids`` must still restart at 0 for each sample.
+
+    Attributes:
+        buckets: ``(index_SM, valid_SM)`` per bucket: flat ``b * L + t`` token index of position m of sample s
+            (the sample's first token where ``m`` is past its end), and whether m is inside the sample.
+        shape: ``(B, L)`` of the packed batch.
+    """
+
+    buckets: list[tuple[torch.Tensor, torch.Tensor]]
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_lengths(cls, row_lengths: list[list[int]], num_cols: int, *, min_bucket: int = 16) -> "PackedSequences":
+        """From the sample lengths of each row, in order (samples end to end from column 0)."""
+        by_bucket: dict[int, list[tuple[int, int]]] = {}
+        for b, lengths in enumerate(row_lengths):
+            start = 0
+            for n in lengths:
+                if n < 1:
+                    raise ValueError(f"row {b}: sample lengths must be >= 1, got {lengths}")
+                size = min_bucket
+                while size < n:
+                    size *= 2
+                by_bucket.setdefault(size, []).append((b * num_cols + start, n))
+                start += n
+            if start > num_cols:
+                raise ValueError(f"row {b}: samples of {sum(lengths)} tokens do not fit {num_cols} columns")
+        buckets = []
+        for size in sorted(by_bucket):
+            starts = torch.tensor([st for st, _ in by_bucket[size]], dtype=torch.long)
+            lengths = torch.tensor([n for _, n in by_bucket[size]], dtype=torch.long)
+            m = torch.arange(int(lengths.max()), dtype=torch.long)
+            valid = m[None, :] < lengths[:, None]
+            index = torch.where(valid, starts[:, None] + m[None, :], starts[:, None])
+            buckets.append((index, valid))
+        return cls(buckets, (len(row_lengths), num_cols))
+
+    def to(self, device: torch.device | str) -> "PackedSequences":
+        return PackedSequences([(i.to(device), v.to(device)) for i, v in self.buckets], self.shape)
+
+
+def packed_attention(
+    q_BHLD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, packed: PackedSequences, scale: float
+) -> torch.Tensor:
+    """Causal attention within each sample of ``packed`` (see :class:`PackedSequences`); ``(B, H, L, Dh)``."""
+    b, h, l, dh = q_BHLD.shape
+    if (b, l) != tuple(packed.shape):
+        raise ValueError(f"PackedSequences describes a {packed.shape} batch, the forward has {(b, l)}")
+    kh = k_BKLD.shape[1]
+    q_TH = q_BHLD.transpose(1, 2).reshape(b * l, h, dh)
+    k_TK = k_BKLD.transpose(1, 2).reshape(b * l, kh, dh)
+    v_TK = v_BKLD.transpose(1, 2).reshape(b * l, kh, dh)
+    out_TH = q_TH.new_zeros(b * l, h, dh)
+    for index_SM, valid_SM in packed.buckets:
+        q = q_TH[index_SM].transpose(1, 2)  # (S, H, M, Dh)
+        k = k_TK[index_SM].transpose(1, 2)
+        v = v_TK[index_SM].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=h != kh)
+        out_TH = out_TH.index_put((index_SM[valid_SM],), o.transpose(1, 2)[valid_SM])
+    return out_TH.view(b, l, h, dh).transpose(1, 2)
+
+
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, num_new: int, num_past: int, device: torch.device
-) -> torch.Tensor | None:
+    attention_mask: torch.Tensor | PackedSequences | None, num_new: int, num_past: int, device: torch.device
+) -> torch.Tensor | PackedSequences | None:
     """Boolean ``(B, 1, L, S)`` mask (True = may attend), or None when plain causal attention suffices.
 
     ``attention_mask`` is the usual 2-D ``(B, S)`` 0/1 padding mask over cached + new positions, or an
     already-built 4-D mask: boolean (True = attend) or additive float (0 = attend). Query rows that may attend to nothing (left padding) are
-    opened to all keys so SDPA returns finite values; those positions are padding and never read.
+    opened to all keys so SDPA returns finite values; those positions are padding and never read. A
+    :class:`PackedSequences` passes through (attention then runs per sample; no cache).
     """
+    if isinstance(attention_mask, PackedSequences):
+        if num_past:
+            raise ValueError("a PackedSequences attention_mask cannot be used with a KV cache (num_past > 0)")
+        return attention_mask
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.dtype == torch.bool:
             return attention_mask
@@ -185,11 +264,14 @@ class InternLM2Attention(nn.Module):
         if cache is not None:
             num_past = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)
-        is_causal = mask is None and num_past == 0 and l > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(self.head_dim),
-            enable_gqa=self.num_rep > 1,
-        )
+        if isinstance(mask, PackedSequences):
+            out = packed_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
+        else:
+            is_causal = mask is None and num_past == 0 and l > 1
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(self.head_dim),
+                enable_gqa=self.num_rep > 1,
+            )
         out = out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)
         if attention_ve is not None and route is not None:
             return kernels.routed_linear(out.reshape(b * l, -1), route.routing, [self.wo.weight, attention_ve.wo.weight]).view(
@@ -356,6 +438,8 @@ def default_position_ids(
     attention_mask: torch.Tensor | None, batch: int, num_new: int, num_past: int, device: torch.device
 ) -> torch.Tensor:
     """``cumsum(mask) - 1`` over cached + new positions (left padding aware), else ``past .. past + L - 1``."""
+    if isinstance(attention_mask, PackedSequences):
+        raise ValueError("packed rows need position_ids that restart at 0 for each sample; none were given")
     if attention_mask is not None and attention_mask.dim() == 2:
         pos = attention_mask.long().cumsum(-1) - 1
         pos = pos.masked_fill(attention_mask == 0, 1)

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import torch
 
+from mono.internlm2 import PackedSequences
+
 from .types import Batch, Example
 
 __all__ = ["WEIGHTINGS", "Pack", "Packer", "block_causal_mask", "collate", "loss_weights", "pad_id_of"]
@@ -123,6 +125,7 @@ def collate(
 
     plain_causal = all(len(row) == 1 for row in rows) and all(n == num_cols for n in lengths)
     attention_mask_BTT = None if plain_causal else block_causal_mask(segment_BT)
+    packed = None if plain_causal else PackedSequences.from_lengths([[len(ex) for ex in row] for row in rows], num_cols)
     if tiles:
         pixel_values_N = torch.cat([t.to(torch.float32) for t in tiles])
         image_flags_N = torch.ones(pixel_values_N.shape[0], dtype=torch.long)
@@ -141,6 +144,7 @@ def collate(
         num_text_tokens=sum(lengths) - num_visual,
         num_visual_tokens=num_visual,
         seq_lens=[len(ex) for row in rows for ex in row],
+        packed=packed,
     )
 
 

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 
+from mono.internlm2 import PackedSequences
+
 __all__ = ["Batch", "Example", "ImageRef", "RawSample", "SKIP_REASONS", "SkipCounter", "SkipSample"]
 
 SKIP_REASONS: dict[str, str] = {
@@ -164,6 +166,9 @@ class Batch:
         sample_ids: the examples in the batch, in order.
         num_text_tokens, num_visual_tokens: non-padding tokens by modality (for tokens/s and FLOPs).
         seq_lens: token count of each sample, in order (padding excluded; for the attention FLOPs).
+        packed: the same per-sample attention as :class:`mono.internlm2.PackedSequences` (attention computed
+            per sample instead of over whole rows; the trainer passes it as ``attention_mask``), or None when
+            ``attention_mask_BTT`` is None.
         data_state: the producer's position after this batch (the loader's business; opaque to the trainer).
         skips: skip counts since the previous batch of the same producer, by reason.
     """
@@ -179,6 +184,7 @@ class Batch:
     num_text_tokens: int
     num_visual_tokens: int
     seq_lens: list[int] = field(default_factory=list)
+    packed: Any = None
     data_state: Any = None
     skips: dict[str, int] = field(default_factory=dict)
 
@@ -190,6 +196,8 @@ class Batch:
         """The same batch with its tensors on ``device``."""
 
         def move(t):
-            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+            if isinstance(t, torch.Tensor):
+                return t.to(device, non_blocking=True)
+            return t.to(device) if isinstance(t, PackedSequences) else t
 
         return Batch(**{k: move(v) for k, v in self.__dict__.items()})

@@ -174,9 +174,10 @@ def test_packer_closes_fullest_when_buffer_overflows():
 # ------------------------------------------------------------------------------------------ packed == unpacked
 
 
-def _forward_loss(model, batch):
+def _forward_loss(model, batch, attention="mask"):
+    mask = batch.packed if attention == "segments" and batch.packed is not None else batch.attention_mask_BTT
     logits = model(
-        input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BTT, position_ids=batch.position_ids_BT,
+        input_ids=batch.input_ids_BT, attention_mask=mask, position_ids=batch.position_ids_BT,
         pixel_values=batch.pixel_values_N, image_flags=batch.image_flags_N,
     ).logits
     return weighted_ce(logits, batch.targets_BT, batch.weights_BT)
@@ -186,8 +187,10 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("attention", ["mask", "segments"])
 @pytest.mark.parametrize("weighting", ["token", "sample", "square"])
-def test_packed_loss_and_grads_equal_unpacked(weighting):
+def test_packed_loss_and_grads_equal_unpacked(weighting, attention):
+    # "mask": the (B, 1, T, T) block-diagonal mask; "segments": batch.packed, attention per sample (the trainer's)
     torch.manual_seed(0)
     model = MonoInternVL(tiny_config())
     randomize_norms(model)
@@ -215,7 +218,8 @@ def test_packed_loss_and_grads_equal_unpacked(weighting):
     for rows in ([examples], [examples[:2], examples[2:]]):
         model.zero_grad()
         packed = _collate(rows, weighting=weighting)
-        loss_sum, w = _forward_loss(model, packed)
+        assert packed.packed is not None
+        loss_sum, w = _forward_loss(model, packed, attention)
         torch.testing.assert_close(loss_sum, unpacked_sum, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(w, unpacked_w, atol=1e-6, rtol=1e-6)
         (loss_sum / w).backward()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mono import InternLM2Config, InternLM2ForCausalLM
-from mono.internlm2 import rope_inv_freq
+from mono.internlm2 import PackedSequences, rope_inv_freq
 
 
 def _lm(**overrides):
@@ -215,3 +215,73 @@ def test_generate_computes_logits_of_the_last_prompt_position_only():
         hook.remove()
     assert rows[0] == (1, 1, 48) and all(r == (1, 1, 48) for r in rows), rows
     assert torch.equal(got, _greedy_without_cache(model, ids, 4))
+
+
+def _block_mask(row_lengths, width):
+    seg = torch.full((len(row_lengths), width), -1)
+    for b, lengths in enumerate(row_lengths):
+        start = 0
+        for k, n in enumerate(lengths):
+            seg[b, start:start + n] = k
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal & (seg >= 0)[:, :, None]
+    return (mask | torch.eye(width, dtype=torch.bool))[:, None], seg >= 0
+
+
+def _positions(row_lengths, width):
+    pos = torch.zeros(len(row_lengths), width, dtype=torch.long)
+    for b, lengths in enumerate(row_lengths):
+        start = 0
+        for n in lengths:
+            pos[b, start:start + n] = torch.arange(n)
+            start += n
+    return pos
+
+
+def test_packed_sequences_equal_the_block_mask_and_single_runs():
+    # Lengths straddle the 16/32/64 buckets; row 1 ends in padding.
+    torch.manual_seed(0)
+    model = _lm(max_position_embeddings=128).train()
+    rows, width = [[3, 16, 17, 40, 1], [33, 20]], 77
+    ids = torch.randint(3, 64, (2, width))
+    pos = _positions(rows, width)
+    block, real = _block_mask(rows, width)
+    packed = PackedSequences.from_lengths(rows, width)
+    assert [tuple(i.shape) for i, _ in packed.buckets] == [(3, 16), (2, 20), (2, 40)]
+
+    logits_block = model(input_ids=ids, attention_mask=block, position_ids=pos).logits
+    logits_packed = model(input_ids=ids, attention_mask=packed, position_ids=pos).logits
+    torch.testing.assert_close(logits_packed[real], logits_block[real], rtol=1e-5, atol=1e-5)
+    start = 0
+    for n in rows[0]:  # each sample alone gives the same logits
+        single = model(input_ids=ids[:1, start:start + n]).logits[0]
+        torch.testing.assert_close(logits_packed[0, start:start + n], single, rtol=1e-5, atol=1e-5)
+        start += n
+
+    grads = []
+    for mask in (block, packed):
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        (logits[real].float().square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_sequences_refuse_what_they_cannot_do():
+    model = _lm()
+    ids = torch.randint(3, 64, (1, 8))
+    packed = PackedSequences.from_lengths([[5, 3]], 8)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(input_ids=ids, attention_mask=packed)
+    with pytest.raises(ValueError, match=r"\(1, 9\)"):
+        model(input_ids=torch.randint(3, 64, (1, 9)), attention_mask=packed, position_ids=torch.arange(9)[None])
+    with pytest.raises(ValueError, match="do not fit"):
+        PackedSequences.from_lengths([[5, 4]], 8)
+    with pytest.raises(ValueError, match=">= 1"):
+        PackedSequences.from_lengths([[5, 0]], 8)
+    out = model(input_ids=ids[:, :5], use_cache=True)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(input_ids=ids[:, 5:], attention_mask=PackedSequences.from_lengths([[3]], 3),
+              position_ids=torch.arange(5, 8)[None], past_key_values=out.past_key_values)
