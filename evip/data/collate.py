@@ -6,8 +6,10 @@ A micro-batch is a list of *rows*; each row is a list of examples laid end to en
 packing is off). Within a row every example keeps to itself:
 
 - ``position_ids`` restart at 0 for each example, so a packed sample sees the same rotary positions as alone;
-- ``attention_mask_BTT`` is block-diagonal causal (True = may attend): no token sees another example, and a
-  padding position attends only to itself (a query row with no allowed key would give NaN in the softmax);
+- attention stays within each example: ``packed`` (:class:`mono.internlm2.PackedSequences`) runs it per example,
+  bucketed by length, which the trainer uses; ``segment_BT`` gives the same as the dense block-diagonal causal
+  ``Batch.attention_mask_BTT`` on request (a padding position attends only to itself there: a query row with no
+  allowed key would give NaN in the softmax);
 - ``targets_BT[t] = labels[t + 1]`` of the same example, -100 at each example's last token and in padding, so
   no target crosses a sample boundary;
 - ``weights_BT`` carries the example's loss weight (see :func:`loss_weights`) at each of its targets, 0 elsewhere.
@@ -34,7 +36,7 @@ from mono.internlm2 import PackedSequences
 
 from .types import Batch, Example
 
-__all__ = ["WEIGHTINGS", "Pack", "Packer", "block_causal_mask", "collate", "loss_weights", "pad_id_of"]
+__all__ = ["WEIGHTINGS", "Pack", "Packer", "collate", "loss_weights", "pad_id_of"]
 
 WEIGHTINGS = ("token", "sample", "square")
 IGNORE = -100
@@ -76,9 +78,9 @@ def collate(
 ) -> Batch:
     """One :class:`Batch` with a row per entry of ``rows`` (each a list of examples packed end to end).
 
-    Rows are right-padded with ``pad_id`` to the longest row. ``attention_mask_BTT`` is None (plain causal) when
-    every row is a single example and no row is padded; otherwise the ``(B, 1, T, T)`` block-diagonal causal mask
-    described in the module docstring.
+    Rows are right-padded with ``pad_id`` to the longest row. ``segment_BT`` and ``packed`` are None (plain causal)
+    when every row is a single example and no row is padded; otherwise they describe the per-example attention of
+    the module docstring.
 
     Raises:
         ValueError: an empty row, a row longer than ``max_seq_len``, labels not aligned with the ids, or tiles
@@ -124,7 +126,6 @@ def collate(
             start = end
 
     plain_causal = all(len(row) == 1 for row in rows) and all(n == num_cols for n in lengths)
-    attention_mask_BTT = None if plain_causal else block_causal_mask(segment_BT)
     packed = None if plain_causal else PackedSequences.from_lengths([[len(ex) for ex in row] for row in rows], num_cols)
     if tiles:
         pixel_values_N = torch.cat([t.to(torch.float32) for t in tiles])
@@ -135,7 +136,7 @@ def collate(
     return Batch(
         input_ids_BT=input_ids_BT,
         position_ids_BT=position_ids_BT,
-        attention_mask_BTT=attention_mask_BTT,
+        segment_BT=None if plain_causal else segment_BT,
         targets_BT=targets_BT,
         weights_BT=weights_BT,
         pixel_values_N=pixel_values_N,
@@ -147,19 +148,6 @@ def collate(
         packed=packed,
     )
 
-
-def block_causal_mask(segment_BT: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, T, T)`` boolean mask from per-token example indices (-1 = padding).
-
-    A real token attends to earlier-or-same tokens of its own example; a padding token only to itself.
-    """
-    num_cols = segment_BT.shape[1]
-    same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
-    real_BT = segment_BT >= 0
-    causal_TT = torch.ones(num_cols, num_cols, dtype=torch.bool).tril()
-    eye_TT = torch.eye(num_cols, dtype=torch.bool)
-    mask_BTT = (same_BTT & causal_TT & real_BT[:, :, None]) | eye_TT
-    return mask_BTT[:, None]
 
 
 def _check_example(ex: Example, image_size: int) -> None:

@@ -157,8 +157,8 @@ class Batch:
     Attributes:
         input_ids_BT: token ids (pad id in padding).
         position_ids_BT: positions, restarting per sample.
-        attention_mask_BTT: ``(B, 1, T, T)`` boolean (True = may attend), or None when each row is one sample
-            and there is no padding (plain causal).
+        segment_BT: each token's example index within its row (-1 = padding), or None when each row is one
+            sample and there is no padding (plain causal).
         targets_BT: next-token targets already shifted (``targets[t]`` is predicted at ``t``), -100 = none.
         weights_BT: loss weight of each target (0 where no target), from the stage's loss weighting.
         pixel_values_N: all tiles of the batch in order, or None.
@@ -166,16 +166,15 @@ class Batch:
         sample_ids: the examples in the batch, in order.
         num_text_tokens, num_visual_tokens: non-padding tokens by modality (for tokens/s and FLOPs).
         seq_lens: token count of each sample, in order (padding excluded; for the attention FLOPs).
-        packed: the same per-sample attention as :class:`mono.internlm2.PackedSequences` (attention computed
-            per sample instead of over whole rows; the trainer passes it as ``attention_mask``), or None when
-            ``attention_mask_BTT`` is None.
+        packed: the per-sample attention as :class:`mono.internlm2.PackedSequences` (computed per sample instead
+            of over whole rows; the trainer passes it as ``attention_mask``), or None when ``segment_BT`` is.
         data_state: the producer's position after this batch (the loader's business; opaque to the trainer).
         skips: skip counts since the previous batch of the same producer, by reason.
     """
 
     input_ids_BT: torch.Tensor
     position_ids_BT: torch.Tensor
-    attention_mask_BTT: Optional[torch.Tensor]
+    segment_BT: Optional[torch.Tensor]
     targets_BT: torch.Tensor
     weights_BT: torch.Tensor
     pixel_values_N: Optional[torch.Tensor]
@@ -187,6 +186,20 @@ class Batch:
     packed: Any = None
     data_state: Any = None
     skips: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def attention_mask_BTT(self) -> Optional[torch.Tensor]:
+        """The same attention as a ``(B, 1, T, T)`` boolean mask (True = may attend): a real token sees earlier
+        and same tokens of its own example, a padding token only itself; None when plain causal. Built on
+        request (T^2 per row: 64 MiB at 8k tokens), for code that needs a dense mask."""
+        if self.segment_BT is None:
+            return None
+        seg = self.segment_BT
+        num_cols = seg.shape[1]
+        causal_TT = torch.ones(num_cols, num_cols, dtype=torch.bool, device=seg.device).tril()
+        eye_TT = torch.eye(num_cols, dtype=torch.bool, device=seg.device)
+        same_BTT = seg[:, :, None] == seg[:, None, :]
+        return ((same_BTT & causal_TT & (seg >= 0)[:, :, None]) | eye_TT)[:, None]
 
     @property
     def num_samples(self) -> int:
