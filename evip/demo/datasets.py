@@ -8,7 +8,7 @@ Layout written under ``root`` (paths in ``manifest.json`` are relative to it)::
     s1_1/shard-*.tar       S1.1 pairs: key.jpg + key.txt (alt-text caption, a stated share wrong or irrelevant)
                            + key.json (ground truth and ``caption_kind``: accurate / wrong / irrelevant)
     s1_2/shard-*.tar       S1.2 pairs: key.jpg + key.txt (dense caption) + key.json (ground truth)
-    s1_3/meta.json         S1.3: one meta entry per task -> s1_3/<task>.jsonl, images in s1_3/images/
+    s1_3/meta.json         S1.3: meta entries objects, groups, digit -> s1_3/<entry>.jsonl, images in s1_3/images/
     s2/meta.json           S2: entries scenes (2-3 turn conversations), digits, text (text-only) -> s2/*.jsonl,
                            images in s2/images/
     eval/<task>.jsonl      held out: {"id", "task", "image", "question", "answer"[, "box"]} (digits add
@@ -60,7 +60,7 @@ __all__ = [
     "load_demo_data", "parse_grounding", "scene_question", "text_corpus", "write_demo_data",
 ]
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """Bumped whenever what is written changes, so old demo data is rewritten rather than reused."""
 
 STAGE_DIRS = {"s1.1": "s1_1", "s1.2": "s1_2", "s1.3": "s1_3", "s2": "s2"}
@@ -96,6 +96,10 @@ _KIND_SCENES = {
     "object": {"num_objects": 1, "word_prob": 0.3, "scale": 2.5, "aspect": "1:1"},
     "group": {"word_prob": 0.4, "scale": 1.6},
 }
+_COLOUR_LEAD_SHARE = 0.25
+"""Share of S1.3 object scenes asked their colour instead of their shape (:func:`_s1_3_samples`)."""
+_CAPTION_SHARE = 1 / 3
+"""Share of S1.3 group scenes whose sample ends with the dense caption."""
 _WORD = re.compile(r"[A-Za-z0-9]+")
 _STREAMS = {"s1.1": 11, "s1.2": 12, "s1.3": 13, "s2": 20, "eval": 99, "corpus": 7}
 _JPEG_QUALITY = 90
@@ -119,10 +123,10 @@ class DemoDataSizes:
     (``s1_1 // 4``) show a training digit, the rest scenes (object and group kinds alternating)."""
     s1_2: int = 1600
     """S1.2 image-caption pairs (dense captions), the same mix as S1.1."""
-    s1_3_scenes: int = 4800
-    """S1.3 scene images, object and group kinds alternating; each is asked every task of its kind it can answer
-    (OCR only with a word), in random order, as one multi-turn sample (the image is encoded once for 2-4 answers),
-    or two when one question would give another's answer away."""
+    s1_3_scenes: int = 12000
+    """S1.3 scene images, object and group kinds alternating. An object scene gives two samples (its shape or
+    colour question alone; grounding and, with a word, OCR), a group scene one (count, OCR, sometimes the caption):
+    see :func:`_s1_3_samples`."""
     s1_3_digits: int = 3000
     """S1.3 digit samples, cycling through the 1,500 training digits in a seeded order, each drawn anew (ink, size,
     offset), listed twice in meta.json (``repeat_time`` 2): an epoch shows every training digit four times."""
@@ -466,6 +470,27 @@ def _train_digits(n: int, rng: np.random.Generator) -> list[int]:
     return [int(order[i % len(order)]) for i in range(n)]
 
 
+def _s1_3_samples(kind: str, scene: Scene, rng: np.random.Generator) -> list[list[tuple[str, str]]]:
+    """The S1.3 samples of a scene, each a list of (question, answer) turns in which no answer is stated before
+    it is asked.
+
+    An object scene gives two samples: its shape question alone (or, in :data:`_COLOUR_LEAD_SHARE` of the scenes,
+    its colour question: each names the other's answer), and its grounding question with its OCR question in
+    random order. A group scene gives one: its count, then OCR, then in :data:`_CAPTION_SHARE` of the scenes the
+    caption (it states the count and the word, so it comes last). One-word answers stand alone or in short
+    samples because S1.3 weights samples by the square root of their supervised tokens: in a sample with a
+    25-token box or caption a one-token answer gets a fifth of the weight it has alone, and the demo model
+    learns shapes from tens of thousands of answers (colour, learnt from a few hundred, is asked less)."""
+    def turns(tasks: Sequence[str]) -> list[tuple[str, str]]:
+        return [qa[:2] for qa in (scene_question(t, scene, rng) for t in tasks) if qa is not None]
+
+    if kind == "object":
+        lead = "colour" if rng.random() < _COLOUR_LEAD_SHARE else "shape"
+        rest = ["grounding", "ocr"]
+        return [turns([lead]), turns([rest[int(j)] for j in rng.permutation(2)])]
+    return [turns(["count", "ocr", *(["caption"] if rng.random() < _CAPTION_SHARE else [])])]
+
+
 def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) -> dict:
     (folder / "images").mkdir(parents=True)
     lines: dict[str, list[str]] = {"objects": [], "groups": [], "digit": []}
@@ -476,9 +501,7 @@ def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) ->
         image = f"scene-{i:06d}.jpg"
         (folder / "images" / image).write_bytes(_jpeg(render_scene(scene)))
         truth.append(json.dumps({"image": image, "kind": kind, **scene.to_json()}))
-        qas = [qa[:2] for qa in (scene_question(t, scene, rng) for t in SCENE_KINDS[kind]) if qa is not None]
-        qas = [qas[int(j)] for j in rng.permutation(len(qas))]
-        for k, conv in enumerate(_leak_free(qas)):  # usually one sample, two when a question would leak an answer
+        for k, conv in enumerate(c for sample in _s1_3_samples(kind, scene, rng) for c in _leak_free(sample)):
             suffix = "" if k == 0 else f"-{k}"
             lines[f"{kind}s"].append(_llava(f"{kind}-{i:06d}{suffix}", _image_turns(conv), image))
     for i, index in enumerate(_train_digits(sizes.s1_3_digits, rng)):

@@ -140,10 +140,9 @@ def test_manifest_counts_match_the_files(demo):
         assert demo.counts["eval"][task] == len(_jsonl(path)) == SMALL.eval_per_task
     assert demo.counts["s1.3"]["digit"] == SMALL.s1_3_digits
     assert meta["digit"]["repeat_time"] == 2 and meta["objects"]["repeat_time"] == meta["groups"]["repeat_time"] == 1
-    # Object and group scenes alternate, one multi-turn sample each: object scenes ask colour, shape and grounding
-    # (and OCR with a word), group scenes count and caption (and OCR); the image comes with the first turn only.
-    # A scene's questions are split over two samples when one would give another's answer away (see below).
-    for name, scenes, least in (("objects", (SMALL.s1_3_scenes + 1) // 2, 3), ("groups", SMALL.s1_3_scenes // 2, 2)):
+    # Object and group scenes alternate: an object scene gives two samples (shape or colour; grounding and OCR),
+    # a group scene one (count, OCR, sometimes the caption); the image comes with the first turn only.
+    for name, scenes, least in (("objects", (SMALL.s1_3_scenes + 1) // 2, 2), ("groups", SMALL.s1_3_scenes // 2, 1)):
         rows = _jsonl(demo.root / "s1_3" / f"{name}.jsonl")
         assert demo.counts["s1.3"][name] == len(rows) >= scenes
         per_image: dict[str, int] = {}
@@ -390,3 +389,28 @@ def test_object_scenes_are_single_tile_close_ups(demo):
         objects = [t for t in truths if t["kind"] == "object"]
         assert objects and all(t["aspect"] == "1:1" and t["count"] == 1 for t in objects)
         assert {t["aspect"] for t in truths if t["kind"] == "group"} > {"1:1"}  # groups keep every aspect ratio
+
+
+def test_s1_3_one_word_answers_stand_alone_or_lead(demo):
+    # S1.3 weights a sample by the square root of its supervised tokens, so a one-word shape or colour answer sits
+    # alone (a box in the same sample would take most of its weight); the count leads its group-scene sample and a
+    # caption, which states the count and the word, comes last.
+    truth = {t["image"]: t for t in _jsonl(demo.root / "s1_3" / "_ground_truth.jsonl")}
+    leads = {"shape": 0, "colour": 0}
+    for row in _jsonl(demo.root / "s1_3" / "objects.jsonl"):
+        questions = [t["value"].removeprefix("<image>\n") for t in row["conversations"][0::2]]
+        kinds = [next(k for k, forms in QUESTIONS.items() if any(re.fullmatch(re.escape(f).replace(
+            r"\{shape\}", r"\w+").replace(r"\{colour\}", r"\w+").replace(r"\{ref\}", r"\w+ \w+"), q) for f in forms))
+            for q in questions]
+        if kinds[0] in leads:
+            assert kinds == kinds[:1], (row["id"], kinds)
+            leads[kinds[0]] += 1
+        else:
+            assert sorted(kinds) in (["grounding"], ["grounding", "ocr"]), (row["id"], kinds)
+    scenes = (SMALL.s1_3_scenes + 1) // 2
+    assert leads["shape"] + leads["colour"] == scenes and leads["shape"] > leads["colour"]
+    for row in _jsonl(demo.root / "s1_3" / "groups.jsonl"):
+        turns = row["conversations"]
+        assert turns[0]["value"].removeprefix("<image>\n") in QUESTIONS["count"]
+        assert turns[1]["value"] == str(truth[row["image"]]["count"])
+        assert all(not t["value"].startswith("There ") for t in turns[1:-1:2])  # a caption only as the last answer
