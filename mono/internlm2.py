@@ -122,8 +122,10 @@ class PackedSequences:
     ``position_ids`` must still restart at 0 for each sample.
 
     Attributes:
-        buckets: ``(index_SM, valid_SM)`` per bucket: flat ``b * L + t`` token index of position m of sample s
-            (the sample's first token where ``m`` is past its end), and whether m is inside the sample.
+        buckets: ``(index_SM, inside, targets)`` per bucket: flat ``b * L + t`` token index of position m of
+            sample s (the sample's first token where ``m`` is past its end); the flat ``s * M + m`` positions that
+            are inside a sample, and their token indices (integer indices built on the host: scattering back needs
+            no device-to-host sync).
         shape: ``(B, L)`` of the packed batch.
     """
 
@@ -153,11 +155,12 @@ class PackedSequences:
             m = torch.arange(int(lengths.max()), dtype=torch.long)
             valid = m[None, :] < lengths[:, None]
             index = torch.where(valid, starts[:, None] + m[None, :], starts[:, None])
-            buckets.append((index, valid))
+            inside = valid.reshape(-1).nonzero().squeeze(1)
+            buckets.append((index, inside, index.reshape(-1)[inside]))
         return cls(buckets, (len(row_lengths), num_cols))
 
     def to(self, device: torch.device | str) -> "PackedSequences":
-        return PackedSequences([(i.to(device), v.to(device)) for i, v in self.buckets], self.shape)
+        return PackedSequences([tuple(t.to(device) for t in bucket) for bucket in self.buckets], self.shape)
 
 
 def packed_attention(
@@ -172,12 +175,13 @@ def packed_attention(
     k_TK = k_BKLD.transpose(1, 2).reshape(b * l, kh, dh)
     v_TK = v_BKLD.transpose(1, 2).reshape(b * l, kh, dh)
     out_TH = q_TH.new_zeros(b * l, h, dh)
-    for index_SM, valid_SM in packed.buckets:
+    for index_SM, inside, targets in packed.buckets:
         q = q_TH[index_SM].transpose(1, 2)  # (S, H, M, Dh)
         k = k_TK[index_SM].transpose(1, 2)
         v = v_TK[index_SM].transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=h != kh)
-        out_TH = out_TH.index_put((index_SM[valid_SM],), o.transpose(1, 2)[valid_SM])
+        o_X = o.transpose(1, 2).reshape(-1, h, dh)  # (S * M, H, Dh)
+        out_TH = out_TH.index_copy(0, targets, o_X.index_select(0, inside))
     return out_TH.view(b, l, h, dh).transpose(1, 2)
 
 

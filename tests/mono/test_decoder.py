@@ -248,7 +248,7 @@ def test_packed_sequences_equal_the_block_mask_and_single_runs():
     pos = _positions(rows, width)
     block, real = _block_mask(rows, width)
     packed = PackedSequences.from_lengths(rows, width)
-    assert [tuple(i.shape) for i, _ in packed.buckets] == [(3, 16), (2, 20), (2, 40)]
+    assert [tuple(b[0].shape) for b in packed.buckets] == [(3, 16), (2, 20), (2, 40)]
 
     logits_block = model(input_ids=ids, attention_mask=block, position_ids=pos).logits
     logits_packed = model(input_ids=ids, attention_mask=packed, position_ids=pos).logits
