@@ -129,7 +129,7 @@ class PackedSequences:
         shape: ``(B, L)`` of the packed batch.
     """
 
-    buckets: list[tuple[torch.Tensor, torch.Tensor]]
+    buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     shape: tuple[int, int]
 
     @classmethod
@@ -159,8 +159,9 @@ class PackedSequences:
             buckets.append((index, inside, index.reshape(-1)[inside]))
         return cls(buckets, (len(row_lengths), num_cols))
 
-    def to(self, device: torch.device | str) -> "PackedSequences":
-        return PackedSequences([tuple(t.to(device) for t in bucket) for bucket in self.buckets], self.shape)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedSequences":
+        buckets = [tuple(t.to(device, non_blocking=non_blocking) for t in bucket) for bucket in self.buckets]
+        return PackedSequences(buckets, self.shape)
 
 
 def packed_attention(

@@ -211,6 +211,6 @@ class Batch:
         def move(t):
             if isinstance(t, torch.Tensor):
                 return t.to(device, non_blocking=True)
-            return t.to(device) if isinstance(t, PackedSequences) else t
+            return t.to(device, non_blocking=True) if isinstance(t, PackedSequences) else t
 
         return Batch(**{k: move(v) for k, v in self.__dict__.items()})
