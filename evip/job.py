@@ -76,7 +76,8 @@ class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     """The mixture; samples of all datasets are shuffled together."""
     max_seq_len: Optional[int] = None
-    """Token cap of a sample and of a pack (default: the stage's). Longer samples are skipped, never cut."""
+    """Token cap of a sample and of a pack (default: the stage's). Longer samples are skipped, never cut, and so are
+    samples longer than the model's context; a pack may exceed the context (positions restart at every sample)."""
     max_tiles: Optional[int] = None
     """Default dynamic-tiling cap (default: the stage's)."""
     min_tiles: int = 1

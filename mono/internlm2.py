@@ -127,10 +127,13 @@ class PackedSequences:
             are inside a sample, and their token indices (integer indices built on the host: scattering back needs
             no device-to-host sync).
         shape: ``(B, L)`` of the packed batch.
+        longest: tokens of the longest sample: the sequence length that bounds positions (a packed row may be
+            longer than the model's context as long as each of its samples fits).
     """
 
     buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     shape: tuple[int, int]
+    longest: int
 
     @classmethod
     def from_lengths(cls, row_lengths: list[list[int]], num_cols: int, *, min_bucket: int = 16) -> "PackedSequences":
@@ -149,6 +152,7 @@ class PackedSequences:
             if start > num_cols:
                 raise ValueError(f"row {b}: samples of {sum(lengths)} tokens do not fit {num_cols} columns")
         buckets = []
+        longest = 0
         for size in sorted(by_bucket):
             starts = torch.tensor([st for st, _ in by_bucket[size]], dtype=torch.long)
             lengths = torch.tensor([n for _, n in by_bucket[size]], dtype=torch.long)
@@ -157,11 +161,12 @@ class PackedSequences:
             index = torch.where(valid, starts[:, None] + m[None, :], starts[:, None])
             inside = valid.reshape(-1).nonzero().squeeze(1)
             buckets.append((index, inside, index.reshape(-1)[inside]))
-        return cls(buckets, (len(row_lengths), num_cols))
+            longest = max(longest, int(lengths.max()))
+        return cls(buckets, (len(row_lengths), num_cols), longest)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedSequences":
         buckets = [tuple(t.to(device, non_blocking=non_blocking) for t in bucket) for bucket in self.buckets]
-        return PackedSequences(buckets, self.shape)
+        return PackedSequences(buckets, self.shape, self.longest)
 
 
 def packed_attention(
@@ -387,7 +392,16 @@ class InternLM2Model(InternLM2PreTrainedModel):
         num_past = past_key_values.get_seq_length() if past_key_values is not None else 0
         seq_len = num_past + l
         limit = max_context_length(self.config)
-        if seq_len > limit:
+        if isinstance(attention_mask, PackedSequences):
+            # Positions restart per sample: the longest sample, not the row, must fit the context (and sets the
+            # length dynamic RoPE scaling sees, as it would for that sample alone).
+            seq_len = attention_mask.longest
+            if seq_len > limit:
+                raise ValueError(
+                    f"a packed sample of {seq_len} tokens exceeds the model's context of {limit} tokens "
+                    f"(max_position_embeddings {self.config.max_position_embeddings})"
+                )
+        elif seq_len > limit:
             raise ValueError(
                 f"sequence of {seq_len} tokens ({num_past} cached + {l} new) exceeds the model's context of "
                 f"{limit} tokens (max_position_embeddings {self.config.max_position_embeddings}"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mono.internlm2 import max_context_length
 from mono.processing import ImageError, dynamic_tiles, open_image, tiles_to_tensor
 from mono.templates import (
     IMAGE_PLACEHOLDER,
@@ -90,6 +91,8 @@ class Preprocessor:
         system_message: system text of every sample (default: the template's); a sample's own first system turn
             wins.
         seed: with the epoch and the sample's ``index``, seeds the sample's augmentation.
+        context: the model's context length (``for_model`` sets it): samples longer are skipped too. A pack of
+            ``max_seq_len`` tokens may exceed it, since positions restart at every sample.
 
     Raises:
         ValueError: a slow tokenizer, a missing or split special token, or a ``turn_end`` that is not one token.
@@ -108,9 +111,10 @@ class Preprocessor:
         caption_prompt: str = DataConfig.caption_prompt,
         system_message: Optional[str] = None,
         seed: int = 0,
+        context: Optional[int] = None,
     ) -> None:
         for name, value in (("num_image_token", num_image_token), ("image_size", image_size),
-                            ("max_seq_len", max_seq_len), ("min_tiles", min_tiles)):
+                            ("max_seq_len", max_seq_len), ("min_tiles", min_tiles), ("context", context or 1)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"Preprocessor: {name} must be a positive integer, got {value!r}")
         if not getattr(tokenizer, "is_fast", False):
@@ -132,6 +136,7 @@ class Preprocessor:
         self.num_image_token = int(num_image_token)
         self.image_size = int(image_size)
         self.max_seq_len = int(max_seq_len)
+        self.context = None if context is None else int(context)
         self.min_tiles = int(min_tiles)
         self.use_thumbnail = bool(use_thumbnail)
         self.caption_prompt = caption_prompt
@@ -170,6 +175,7 @@ class Preprocessor:
             caption_prompt=data_cfg.caption_prompt,
             system_message=system_message if system_message is not None else model_config.system_message,
             seed=data_cfg.seed,
+            context=max_context_length(model_config.llm_config),
         )
 
     # ------------------------------------------------------------------------------------------------ turns
@@ -321,11 +327,11 @@ class Preprocessor:
         ids = np.asarray(encoding["input_ids"], dtype=np.int64)
         offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         num_context = self.num_image_token * sum(num_tiles)
-        if len(ids) + num_context > self.max_seq_len:
-            raise SkipSample(
-                "too_long", sid,
-                f"{len(ids) + num_context} tokens ({num_context} visual) > max_seq_len {self.max_seq_len}",
-            )
+        length = len(ids) + num_context
+        if length > self.max_seq_len or self.context is not None and length > self.context:
+            bound = (f"max_seq_len {self.max_seq_len}" if self.context is None or self.max_seq_len <= self.context
+                     else f"the model's context of {self.context} tokens")
+            raise SkipSample("too_long", sid, f"{length} tokens ({num_context} visual) > {bound}")
         starts, ends = offsets[:, 0], offsets[:, 1]
         labels = np.full_like(ids, IGNORE_INDEX)
         for lo, hi in spans:

@@ -257,6 +257,11 @@ def test_too_long_is_skipped_at_the_first_token_over(tmp_path, tok):
     with pytest.raises(SkipSample, match=f"{n} tokens") as info:
         tiny_preprocessor(tok, max_seq_len=n - 1)(raw)
     assert info.value.reason == "too_long"
+    # The model's context bounds a sample too (packs may be longer: positions restart per sample).
+    assert len(tiny_preprocessor(tok, max_seq_len=4 * n, context=n)(raw)) == n
+    with pytest.raises(SkipSample, match=f"{n} tokens .* > the model's context of {n - 1} tokens") as info:
+        tiny_preprocessor(tok, max_seq_len=4 * n, context=n - 1)(raw)
+    assert info.value.reason == "too_long"
 
 
 def test_corrupt_and_vanished_images(tmp_path, pre):
@@ -295,6 +300,7 @@ def test_for_model_reads_the_model_config(tok):
     data = DataConfig(min_tiles=2, use_thumbnail=False, caption_prompt="Caption:", seed=3)
     pre = Preprocessor.for_model(model.config, tok, data, 777)
     assert (pre.num_image_token, pre.image_size, pre.max_seq_len, pre.template.name) == (4, 56, 777, "internlm2-chat")
+    assert pre.context == model.config.llm_config.max_position_embeddings
     assert (pre.min_tiles, pre.use_thumbnail, pre.caption_prompt, pre.seed) == (2, False, "Caption:", 3)
     assert pre.system_message == get_template("internlm2-chat").system_message
     model.config.system_message = "Be brief."

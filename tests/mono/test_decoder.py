@@ -269,6 +269,23 @@ def test_packed_sequences_equal_the_block_mask_and_single_runs():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_packed_row_may_outgrow_the_context_when_its_samples_fit():
+    # Positions restart per sample, so only the longest sample must fit max_position_embeddings (64 here).
+    torch.manual_seed(0)
+    model = _lm()
+    rows, width = [[40, 50]], 96
+    ids = torch.randint(3, 64, (1, width))
+    packed = PackedSequences.from_lengths(rows, width)
+    assert packed.longest == 50
+    logits = model(input_ids=ids, attention_mask=packed, position_ids=_positions(rows, width)).logits
+    torch.testing.assert_close(logits[0, 40:90], model(input_ids=ids[:, 40:90]).logits[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence of 96 tokens"):
+        model(input_ids=ids)
+    too_long = PackedSequences.from_lengths([[20, 70]], width)
+    with pytest.raises(ValueError, match="packed sample of 70 tokens exceeds the model's context of 64"):
+        model(input_ids=ids, attention_mask=too_long, position_ids=_positions([[20, 70]], width))
+
+
 def test_packed_sequences_refuse_what_they_cannot_do():
     model = _lm()
     ids = torch.randint(3, 64, (1, 8))
