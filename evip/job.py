@@ -288,6 +288,15 @@ class RecipeStage:
 
     config: Path
     overrides: list[str] = field(default_factory=list)
+    name: Optional[str] = None
+    """The run's name: its folder under the recipe's ``output_dir`` and its label in logs and reports (default: the
+    stage, e.g. ``s1.3``). Names must differ, so one stage may run twice under two names (a curriculum: S1.3 on
+    one task first, then on the full mixture)."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
+                                      or "\\" in self.name):
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
 
 
 @dataclass
@@ -295,7 +304,8 @@ class RecipeConfig:
     """A chain of stages (``evip run``): stage k+1 starts from stage k's export."""
 
     output_dir: Path
-    """Each stage runs in ``<output_dir>/<stage>``; the last export is ``<output_dir>/<last stage>/export``."""
+    """Each stage runs in ``<output_dir>/<name>`` (the name defaults to the stage); the last export is
+    ``<output_dir>/<last name>/export``."""
     stages: list[RecipeStage]
     init: Optional[Path] = None
     """The first stage's ``model.init`` (overrides the stage file's)."""

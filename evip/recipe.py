@@ -1,7 +1,7 @@
 """Chain stages: ``evip run recipe.yaml`` trains each stage of a recipe in order, each from the previous export.
 
-A recipe (:class:`~evip.job.RecipeConfig`) lists stage YAML files; stage k runs in ``<output_dir>/<stage>``
-with ``model.init`` set to the export of stage k-1 (the first stage takes the recipe's ``init``, or its own).
+A recipe (:class:`~evip.job.RecipeConfig`) lists stage YAML files; stage k runs in ``<output_dir>/<name>`` (its
+entry's ``name``, by default the stage, e.g. ``s1.3``; one stage may run twice under two names) with ``model.init`` set to the export of stage k-1 (the first stage takes the recipe's ``init``, or its own).
 A stage whose export already exists is done and is not run again, so re-running a recipe after a crash resumes
 it: finished stages are skipped and the interrupted one resumes from its newest checkpoint.
 """
@@ -36,15 +36,19 @@ def stage_jobs(
     for index, entry in enumerate(recipe.stages):
         path = entry.config if entry.config.is_absolute() else recipe_path.parent / entry.config
         first = load_config(JobConfig, path, [*recipe.overrides, *entry.overrides, *overrides])
-        out = Path(recipe.output_dir) / first.stage
+        name = entry.name or first.stage
+        out = Path(recipe.output_dir) / name
         chained = [f"output_dir={out}"]
         if previous is not None:
             chained.append(f"model.init={previous}")
         elif recipe.init is not None:
             chained.append(f"model.init={recipe.init}")
         job = load_config(JobConfig, path, [*recipe.overrides, *entry.overrides, *overrides, *chained])
-        if any(j.stage == job.stage for j in jobs):
-            raise ValueError(f"{recipe_path}: stages[{index}] repeats stage {job.stage}; each stage runs once")
+        if any(Path(j.output_dir).name == name for j in jobs):
+            raise ValueError(
+                f"{recipe_path}: stages[{index}] runs in {name!r} like an earlier entry; give each run of a stage its "
+                "own name (stages[i].name)"
+            )
         jobs.append(job)
         previous = out / "export"
     return recipe, jobs
@@ -59,7 +63,7 @@ def run_recipe(recipe_path: Path, overrides: Sequence[str] = ()) -> list[Optiona
     results: list[Optional[TrainResult]] = []
     for job in jobs:
         if (Path(job.output_dir) / "export" / "config.json").is_file():
-            print(f"stage {job.stage}: done ({job.output_dir}/export exists), skipped", flush=True)
+            print(f"stage {Path(job.output_dir).name}: done ({job.output_dir}/export exists), skipped", flush=True)
             results.append(None)
             continue
         results.append(train(job))

@@ -15,7 +15,7 @@ import yaml
 from evip.config import from_dict
 from evip.job import JobConfig
 from evip.loss import weighted_ce
-from evip.recipe import run_recipe
+from evip.recipe import run_recipe, stage_jobs
 from evip.stages import group_of
 from evip.train import NonFiniteError, Trainer, train
 from mono import MonoInternVL
@@ -201,6 +201,25 @@ def test_recipe_chains_the_four_stages(workspace, tmp_path):
     assert changed[1] == {"patch_embed", "projector", "visual_experts", "attention"}  # S1.3
     assert {"text_ffn", "lm_head", "norms", "attention"} <= changed[2]  # S2 trains everything
     assert run_recipe(recipe) == [None, None, None, None]  # done stages are not run again
+
+
+def test_a_stage_may_run_twice_under_two_names(tmp_path):
+    (tmp_path / "s1_3.yaml").write_text("stage: s1.3\noutput_dir: x\n")
+    recipe = tmp_path / "recipe.yaml"
+    entries = [{"config": "s1_3.yaml", "name": "s1.3-shapes", "overrides": ["schedule.steps=7"]}, {"config": "s1_3.yaml"}]
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "chain"), "init": "llm", "stages": entries}))
+    _, jobs = stage_jobs(recipe)
+    assert [Path(j.output_dir).name for j in jobs] == ["s1.3-shapes", "s1.3"]
+    assert [j.stage for j in jobs] == ["s1.3", "s1.3"] and [j.schedule.steps for j in jobs] == [7, 100]
+    assert Path(jobs[1].model.init) == tmp_path / "chain" / "s1.3-shapes" / "export"  # the second starts from the first
+    entries[0].pop("name")
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "chain"), "stages": entries}))
+    with pytest.raises(ValueError, match=r"stages\[1\] runs in 's1.3' like an earlier entry.*stages\[i\].name"):
+        stage_jobs(recipe)
+    entries[0]["name"] = "../elsewhere"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "chain"), "stages": entries}))
+    with pytest.raises(ValueError, match="plain folder name"):
+        stage_jobs(recipe)
 
 
 def test_cli_reports_config_errors_with_the_key(tmp_path):
