@@ -8,12 +8,14 @@ Layout written under ``root`` (paths in ``manifest.json`` are relative to it)::
     s1_1/shard-*.tar       S1.1 pairs: key.jpg + key.txt (alt-text caption, a stated share wrong or irrelevant)
                            + key.json (ground truth and ``caption_kind``: accurate / wrong / irrelevant)
     s1_2/shard-*.tar       S1.2 pairs: key.jpg + key.txt (dense caption) + key.json (ground truth)
+    s1_3_shapes/meta.json  S1.3's first phase (the recipe's run ``s1.3-shapes``): close-up object scenes, each asked
+                           its shape alone -> s1_3_shapes/shapes.jsonl, images in s1_3_shapes/images/
     s1_3/meta.json         S1.3: meta entries objects, groups, digit -> s1_3/<entry>.jsonl, images in s1_3/images/
     s2/meta.json           S2: entries scenes (2-3 turn conversations), digits, text (text-only) -> s2/*.jsonl,
                            images in s2/images/
     eval/<task>.jsonl      held out: {"id", "task", "image", "question", "answer"[, "box"]} (digits add
                            "digit_index"), image paths relative to eval/, images in eval/images/
-    */_ground_truth.jsonl   s1_3, s2, eval: the full ground truth of each scene image (training never reads it);
+    */_ground_truth.jsonl   s1_3_shapes, s1_3, s2, eval: the full ground truth of each scene image (training never reads it);
                            digit records carry their load_digits() index as "digit_index"
 
 Scenes come in two kinds, so that every question has one visual answer a 3-layer demo model can learn on a CPU in
@@ -60,11 +62,11 @@ __all__ = [
     "load_demo_data", "parse_grounding", "scene_question", "text_corpus", "write_demo_data",
 ]
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """Bumped whenever what is written changes, so old demo data is rewritten rather than reused."""
 
-STAGE_DIRS = {"s1.1": "s1_1", "s1.2": "s1_2", "s1.3": "s1_3", "s2": "s2"}
-"""Stage name -> folder under the data root."""
+STAGE_DIRS = {"s1.1": "s1_1", "s1.2": "s1_2", "s1.3-shapes": "s1_3_shapes", "s1.3": "s1_3", "s2": "s2"}
+"""Recipe run name -> folder under the data root (``s1.3-shapes`` is the first phase of S1.3)."""
 
 EVAL_TASKS = ("colour", "shape", "count", "digit", "grounding", "ocr", "caption")
 """Tasks of the held-out evaluation, one ``eval/<task>.jsonl`` each."""
@@ -101,7 +103,7 @@ _COLOUR_LEAD_SHARE = 0.25
 _CAPTION_SHARE = 1 / 3
 """Share of S1.3 group scenes whose sample ends with the dense caption."""
 _WORD = re.compile(r"[A-Za-z0-9]+")
-_STREAMS = {"s1.1": 11, "s1.2": 12, "s1.3": 13, "s2": 20, "eval": 99, "corpus": 7}
+_STREAMS = {"s1.1": 11, "s1.2": 12, "s1.3-shapes": 14, "s1.3": 13, "s2": 20, "eval": 99, "corpus": 7}
 _JPEG_QUALITY = 90
 _IRRELEVANT = (
     "click here to enlarge", "IMG_{n}.JPG", "free shipping on all orders", "untitled", "stock photo {n}",
@@ -123,6 +125,11 @@ class DemoDataSizes:
     (``s1_1 // 4``) show a training digit, the rest scenes (object and group kinds alternating)."""
     s1_2: int = 1600
     """S1.2 image-caption pairs (dense captions), the same mix as S1.1."""
+    s1_3_shapes: int = 10000
+    """Close-up object scenes of S1.3's first phase (recipe run ``s1.3-shapes``), each one sample: its shape
+    question alone. Shape is the one concept the demo model learns slowly (it must combine several visual tokens'
+    edges); on shape questions alone it learns it from about 20,000 answers, spread through the full mixture it
+    did not learn it in the same time (see ``configs/evip/demo/s1_3_shapes.yaml``)."""
     s1_3_scenes: int = 12000
     """S1.3 scene images, object and group kinds alternating. An object scene gives two samples (its shape or
     colour question alone; grounding and, with a word, OCR), a group scene one (count, OCR, sometimes the caption):
@@ -516,6 +523,23 @@ def _write_s1_3(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) ->
     return {task: len(rows) for task, rows in lines.items()} | {"images": sizes.s1_3_scenes + sizes.s1_3_digits}
 
 
+def _write_s1_3_shapes(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) -> dict:
+    """Close-up object scenes (the evaluation's kind), each asked its shape in one of the :data:`QUESTIONS` forms."""
+    (folder / "images").mkdir(parents=True)
+    lines: dict[str, list[str]] = {"shapes": []}
+    truth = []
+    for i in range(sizes.s1_3_shapes):
+        scene = sample_scene(rng, **_KIND_SCENES["object"])
+        image = f"scene-{i:06d}.jpg"
+        (folder / "images" / image).write_bytes(_jpeg(render_scene(scene)))
+        truth.append(json.dumps({"image": image, "kind": "object", **scene.to_json()}))
+        question, answer, _ = scene_question("shape", scene, rng)
+        lines["shapes"].append(_llava(f"shape-{i:06d}", _image_turns([(question, answer)]), image))
+    _write_meta(folder, lines)
+    (folder / "_ground_truth.jsonl").write_text("".join(t + "\n" for t in truth), encoding="utf-8")
+    return {"shapes": len(lines["shapes"]), "images": sizes.s1_3_shapes}
+
+
 def _write_s2(folder: Path, sizes: DemoDataSizes, rng: np.random.Generator) -> dict:
     (folder / "images").mkdir(parents=True)
     lines: dict[str, list[str]] = {"scenes": [], "digits": [], "text": []}
@@ -649,12 +673,14 @@ def write_demo_data(
     counts = {
         "s1.1": _write_pairs(root / "s1_1", sizes.s1_1, sizes.shard_size, _rng(seed, "s1.1"), noise_share),
         "s1.2": _write_pairs(root / "s1_2", sizes.s1_2, sizes.shard_size, _rng(seed, "s1.2"), None),
+        "s1.3-shapes": _write_s1_3_shapes(root / "s1_3_shapes", sizes, _rng(seed, "s1.3-shapes")),
         "s1.3": _write_s1_3(root / "s1_3", sizes, _rng(seed, "s1.3")),
         "s2": _write_s2(root / "s2", sizes, _rng(seed, "s2")),
         "eval": _write_eval(root / "eval", sizes.eval_per_task, _rng(seed, "eval")),
     }
     samples = {
         "s1.1": sizes.s1_1, "s1.2": sizes.s1_2,
+        "s1.3-shapes": sizes.s1_3_shapes,
         "s1.3": sum(v for k, v in counts["s1.3"].items() if k != "images"),
         "s2": sum(v for k, v in counts["s2"].items() if k != "images"),
     }

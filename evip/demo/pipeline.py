@@ -36,7 +36,7 @@ DEFAULT_DATA = Path(".cache/demo/data")  # where the recipe's dataset paths poin
 
 # The shortened version `make test` runs end to end (same code, tiny sizes).
 QUICK_SIZES = DemoDataSizes(
-    s1_1=48, s1_2=48, s1_3_scenes=24, s1_3_digits=24, s2_scenes=16, s2_digits=8, s2_text=8, eval_per_task=4,
+    s1_1=48, s1_2=48, s1_3_shapes=16, s1_3_scenes=24, s1_3_digits=24, s2_scenes=16, s2_digits=8, s2_text=8, eval_per_task=4,
     shard_size=32,
 )
 
@@ -51,24 +51,24 @@ def _evaluate(folder: Path, data, held_out: Sequence[str], seq_len: int, limit: 
 def run_chain(
     label: str, out: Path, data, base, overrides: Sequence[str], limit: Optional[int], log=print
 ) -> tuple[dict, dict, dict, dict]:
-    """Train every stage of the demo recipe under ``out``; accuracy, perplexity, seconds and run folder per stage."""
+    """Train every run of the demo recipe under ``out``; accuracy, perplexity, seconds and run folder per run (keyed
+    by the run's name, in recipe order)."""
     _, jobs = stage_jobs(RECIPE, overrides, output_dir=out, init=base.folder)
     accuracy, perplexity, seconds, runs = {}, {}, {}, {}
     for job in jobs:
         for dataset in job.data.datasets:  # the recipe names the default data folder; use the one written
             if dataset.path.parts[:3] == DEFAULT_DATA.parts:
                 dataset.path = Path(data.root, *dataset.path.parts[3:])
+        name = Path(job.output_dir).name  # the recipe's run name: the stage, or e.g. s1.3-shapes for a first phase
         t0 = time.perf_counter()
         result = train(job)
-        seconds[job.stage] = time.perf_counter() - t0
+        seconds[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        accuracy[job.stage], perplexity[job.stage] = _evaluate(
-            result.export_dir, data, base.held_out_texts, base.seq_len, limit
-        )
-        seconds[f"eval {job.stage}"] = time.perf_counter() - t0
-        runs[job.stage] = Path(job.output_dir)
-        table = ", ".join(f"{t} {r['accuracy']:.0%}" for t, r in accuracy[job.stage]["tasks"].items())
-        log(f"[{label}] {job.stage}: {table}; text perplexity {perplexity[job.stage]:.4f} ({seconds[job.stage]:.0f} s)")
+        accuracy[name], perplexity[name] = _evaluate(result.export_dir, data, base.held_out_texts, base.seq_len, limit)
+        seconds[f"eval {name}"] = time.perf_counter() - t0
+        runs[name] = Path(job.output_dir)
+        table = ", ".join(f"{t} {r['accuracy']:.0%}" for t, r in accuracy[name]["tasks"].items())
+        log(f"[{label}] {name}: {table}; text perplexity {perplexity[name]:.4f} ({seconds[name]:.0f} s)")
     return accuracy, perplexity, seconds, runs
 
 
@@ -96,7 +96,7 @@ def run_demo(out: Path, *, quick: bool = False, ablation: bool = False, log=prin
             "no delta tuning", out / "runs" / "ablation", data, base, off, limit, log
         )
         extra = Ablation("delta tuning off", a_acc, {"base": base_ppl, **a_ppl}, a_runs, a_sec)
-    last = runs[max(runs)] / "export"
+    last = runs[list(runs)[-1]] / "export"
     report = write_report(
         out / "report", accuracy, {"base": base_ppl, **perplexity}, timings,
         [f"final model: {last}", f"data: {data.root} (manifest.json)", f"base LM: {base.folder}"],

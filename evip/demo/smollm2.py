@@ -67,7 +67,7 @@ PROMPTS = (
 """Text-only chat questions whose greedy answers are compared with the original model's after every stage."""
 
 QUICK_SIZES = DemoDataSizes(
-    s1_1=16, s1_2=16, s1_3_scenes=8, s1_3_digits=8, s2_scenes=8, s2_digits=4, s2_text=4, eval_per_task=2,
+    s1_1=16, s1_2=16, s1_3_shapes=8, s1_3_scenes=8, s1_3_digits=8, s2_scenes=8, s2_digits=4, s2_text=4, eval_per_task=2,
     shard_size=16,
 )
 

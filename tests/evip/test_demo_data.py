@@ -28,7 +28,7 @@ from evip.demo.scenes import (
 from mono.tokenization import train_bpe_tokenizer
 from tests.evip.fixtures import tiny_preprocessor
 
-SMALL = DemoDataSizes(s1_1=30, s1_2=12, s1_3_scenes=16, s1_3_digits=12, s2_scenes=10, s2_digits=6, s2_text=6,
+SMALL = DemoDataSizes(s1_1=30, s1_2=12, s1_3_shapes=10, s1_3_scenes=16, s1_3_digits=12, s2_scenes=10, s2_digits=6, s2_text=6,
                       eval_per_task=8, shard_size=7)
 NAMES = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 
@@ -80,7 +80,7 @@ def test_parts_use_their_own_streams(tmp_path, demo):
 
 def test_second_write_is_a_no_op_and_new_settings_rewrite(tmp_path):
     root = tmp_path / "data"
-    tiny = replace(SMALL, s1_1=5, s1_2=5, s1_3_scenes=4, s1_3_digits=3, s2_scenes=3, s2_digits=2, s2_text=2,
+    tiny = replace(SMALL, s1_1=5, s1_2=5, s1_3_shapes=3, s1_3_scenes=4, s1_3_digits=3, s2_scenes=3, s2_digits=2, s2_text=2,
                    eval_per_task=3)
     first = write_demo_data(root, seed=0, sizes=tiny)
     (root / "unrelated.txt").write_text("kept")
@@ -113,7 +113,8 @@ def test_bad_sizes_and_noise_share_are_refused():
 def test_every_stage_reads_and_checks_with_zero_skips(tmp_path, demo, one_thread):
     tokenizer = train_bpe_tokenizer(text_corpus(200))
     preprocessor = tiny_preprocessor(tokenizer, image_size=112, max_seq_len=2048)
-    expected_kind = {"s1.1": "pair", "s1.2": "pair", "s1.3": "conversation", "s2": "conversation"}
+    expected_kind = {"s1.1": "pair", "s1.2": "pair", "s1.3-shapes": "conversation", "s1.3": "conversation",
+                     "s2": "conversation"}
     tiles = set()
     for stage, data in demo.stages.items():
         sources = build_sources(demo.datasets(stage), 4)
@@ -309,12 +310,12 @@ def test_held_out_digits_and_scenes_never_reach_training(demo):
         for r in _jsonl(path):
             assert r["conversations"][1]["value"] == str(digit_label(r["digit_index"]))
     train_images = {hashlib.sha256(p.read_bytes()).digest()
-                    for stage in ("s1_3", "s2") for p in (demo.root / stage / "images").iterdir()}
+                    for stage in ("s1_3_shapes", "s1_3", "s2") for p in (demo.root / stage / "images").iterdir()}
     train_images |= {hashlib.sha256(r["image"]).digest() for s in ("s1.1", "s1.2")
                      for r in _shard_records(demo.stages[s].path)}
     eval_images = {hashlib.sha256(p.read_bytes()).digest() for p in (demo.eval_dir / "images").iterdir()}
     assert eval_images and not eval_images & train_images
-    train_truth = [json.dumps(t["objects"]) for stage in ("s1_3", "s2")
+    train_truth = [json.dumps(t["objects"]) for stage in ("s1_3_shapes", "s1_3", "s2")
                    for t in _jsonl(demo.root / stage / "_ground_truth.jsonl")]
     assert not {json.dumps(t["objects"]) for t in _jsonl(demo.eval_dir / "_ground_truth.jsonl")} & set(train_truth)
 
@@ -384,11 +385,28 @@ def test_no_answer_is_given_away_by_an_earlier_turn(demo):
 
 
 def test_object_scenes_are_single_tile_close_ups(demo):
-    for stage in ("s1_3", "s2", "eval"):
+    for stage in ("s1_3_shapes", "s1_3", "s2", "eval"):
         truths = _jsonl(demo.root / stage / "_ground_truth.jsonl")
         objects = [t for t in truths if t["kind"] == "object"]
         assert objects and all(t["aspect"] == "1:1" and t["count"] == 1 for t in objects)
-        assert {t["aspect"] for t in truths if t["kind"] == "group"} > {"1:1"}  # groups keep every aspect ratio
+        if stage != "s1_3_shapes":  # the shape phase has close-ups only
+            assert {t["aspect"] for t in truths if t["kind"] == "group"} > {"1:1"}  # groups keep every aspect ratio
+
+
+def test_the_shape_phase_asks_each_close_up_its_shape_alone(demo):
+    folder = demo.root / "s1_3_shapes"
+    truths, rows = _jsonl(folder / "_ground_truth.jsonl"), _jsonl(folder / "shapes.jsonl")
+    assert len(truths) == len(rows) == SMALL.s1_3_shapes == demo.stages["s1.3-shapes"].samples
+    forms = {f.format(colour=c): c for f in QUESTIONS["shape"] for c in COLOURS}
+    asked = set()
+    for row, truth in zip(rows, truths):
+        (obj,) = truth["objects"]
+        assert row["image"] == truth["image"] and (folder / "images" / row["image"]).is_file()
+        question, answer = (t["value"] for t in row["conversations"])
+        assert len(row["conversations"]) == 2 and question.startswith("<image>\n")
+        assert forms[question.removeprefix("<image>\n")] == obj["colour"] and answer == obj["shape"]
+        asked.add(answer)
+    assert asked == set(SHAPES)
 
 
 def test_s1_3_one_word_answers_stand_alone_or_lead(demo):

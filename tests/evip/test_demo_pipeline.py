@@ -17,10 +17,15 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     assert report.is_file()
     results = json.loads((report.parent / "results.json").read_text())
     text = report.read_text()
-    for stage in ("s1.1", "s1.2", "s1.3", "s2"):
-        assert stage in text and (tmp_path / "runs" / "evip" / stage / "export" / "config.json").is_file()
+    runs = ("s1.1", "s1.2", "s1.3-shapes", "s1.3", "s2")  # S1.3 in two phases: shape questions first, then the mixture
+    assert list(results["results_per_stage"]) == list(runs)
+    for run in runs:
+        assert run in text and (tmp_path / "runs" / "evip" / run / "export" / "config.json").is_file()
+    final = tmp_path / "runs" / "evip" / "s2" / "export"
+    assert json.loads((final / "config.json").read_text())["llm_config"]["visual_attention_experts"] is True
     ppl = results["perplexity_per_stage"]
-    assert ppl["s1.1"] == ppl["base"] and ppl["s1.2"] == ppl["base"]  # exact float equality
+    assert ppl["s1.1"] == ppl["base"] and ppl["s1.2"] == ppl["base"]  # exact float equality (visual attention
+    # experts included: text-only input never reaches them)
     assert ppl["s2"] != ppl["base"]
     assert (report.parent / "loss.png").is_file() and (report.parent / "accuracy.png").is_file()
     assert text.count("bit-identical to base") >= 2
