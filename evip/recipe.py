@@ -1,7 +1,8 @@
 """Chain stages: ``evip run recipe.yaml`` trains each stage of a recipe in order, each from the previous export.
 
 A recipe (:class:`~evip.job.RecipeConfig`) lists stage YAML files; stage k runs in ``<output_dir>/<name>`` (its
-entry's ``name``, by default the stage, e.g. ``s1.3``; one stage may run twice under two names) with ``model.init`` set to the export of stage k-1 (the first stage takes the recipe's ``init``, or its own).
+entry's ``name``, by default the stage, e.g. ``s1.3``; one stage may run twice under two names) with
+``model.init`` set to the export of stage k-1 (the first stage takes the recipe's ``init``, or its own).
 A stage whose export already exists is done and is not run again, so re-running a recipe after a crash resumes
 it: finished stages are skipped and the interrupted one resumes from its newest checkpoint.
 """

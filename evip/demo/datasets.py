@@ -15,7 +15,8 @@ Layout written under ``root`` (paths in ``manifest.json`` are relative to it)::
                            images in s2/images/
     eval/<task>.jsonl      held out: {"id", "task", "image", "question", "answer"[, "box"]} (digits add
                            "digit_index"), image paths relative to eval/, images in eval/images/
-    */_ground_truth.jsonl   s1_3_shapes, s1_3, s2, eval: the full ground truth of each scene image (training never reads it);
+    */_ground_truth.jsonl   s1_3_shapes, s1_3, s2, eval: the full ground truth of each scene image (training never
+                           reads it);
                            digit records carry their load_digits() index as "digit_index"
 
 Scenes come in two kinds, so that every question has one visual answer a 3-layer demo model can learn on a CPU in

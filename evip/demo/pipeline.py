@@ -36,7 +36,8 @@ DEFAULT_DATA = Path(".cache/demo/data")  # where the recipe's dataset paths poin
 
 # The shortened version `make test` runs end to end (same code, tiny sizes).
 QUICK_SIZES = DemoDataSizes(
-    s1_1=48, s1_2=48, s1_3_shapes=16, s1_3_scenes=24, s1_3_digits=24, s2_scenes=16, s2_digits=8, s2_text=8, eval_per_task=4,
+    s1_1=48, s1_2=48, s1_3_shapes=16, s1_3_scenes=24, s1_3_digits=24, s2_scenes=16, s2_digits=8, s2_text=8,
+    eval_per_task=4,
     shard_size=32,
 )
 
