@@ -172,7 +172,10 @@ class ParallelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when available (NCCL), else CPU (gloo)."""
     fsdp: bool = True
-    """Shard with FSDP2 (``fully_shard`` per decoder layer, then the root) when more than one rank runs."""
+    """Shard with FSDP2 (``fully_shard`` per decoder layer, then the root) when more than one rank runs. ``false``
+    with several ranks: replicated data parallelism (each rank a whole copy, gradients averaged in one flat
+    all-reduce per step, as DDP), the faster choice for a model that fits each device many times over (the
+    demo's, on CPU cores)."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """``auto``: bf16 compute with fp32 master weights and fp32 gradient reduction on CUDA, fp32 on CPU."""
     activation_checkpointing: bool = False

@@ -5,7 +5,8 @@ One optimizer step on each rank:
 1. take ``grad_accum`` micro-batches from the loader (the time spent waiting is the *data wait*);
 2. all-reduce the sum of their loss weights over the ranks: the step's denominator, so the loss of a sample
    does not depend on how the global batch was split across ranks and micro-batches (:mod:`evip.loss`);
-3. forward + backward each micro-batch (``loss_sum * world_size / denominator``: FSDP averages gradients);
+3. forward + backward each micro-batch (``loss_sum * world_size / denominator``: FSDP averages gradients; with
+   ``parallel.fsdp: false`` on several ranks each rank holds a whole copy and one flat all-reduce averages them);
 4. all-reduce the loss; clip the global gradient norm; if the loss or the norm is not finite, the update is
    skipped and counted, and ``schedule.max_nonfinite`` skipped steps in a row abort the run;
 5. AdamW (frozen parameters are not in it), then the cosine schedule.
@@ -106,6 +107,25 @@ def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
     return value
 
 
+def _average_gradients(params: Sequence[torch.nn.Parameter], world: int) -> None:
+    """Replicated data parallelism (``parallel.fsdp: false`` on several ranks): average the gradients over the ranks
+    in one flat all-reduce, as DDP does (the loss is scaled by the world size, see :mod:`evip.loss`). A parameter
+    without a gradient on every rank (one that no token reached) keeps none, as in a single process, so AdamW
+    skips it; one with a gradient on some rank gets the average, zeros standing in for the ranks without."""
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([present, *(g.reshape(-1) for g in grads)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = len(params)
+    for k, (p, g) in enumerate(zip(params, grads)):
+        n = g.numel()
+        if flat[k] > 0:
+            p.grad = flat[offset:offset + n].view_as(p).div_(world)
+        offset += n
+
+
 def _gather(obj: Any) -> list[Any]:
     if not dist.is_initialized():
         return [obj]
@@ -189,11 +209,13 @@ class Trainer:
     def _shard(self, model: MonoInternVL) -> torch.nn.Module:
         sharded = _wants_fsdp(self.job.parallel.fsdp, self.world, self.device)
         self.sharded = sharded
-        if self.world > 1 and not sharded:
-            raise ValueError(
-                f"parallel.fsdp is false but {self.world} ranks run: nothing would average their gradients; set "
-                "parallel.fsdp=true (FSDP2) or launch a single process"
-            )
+        self.replicated = self.world > 1 and not sharded
+        if self.replicated:  # every rank a whole copy, started from rank 0's values (fresh initialisations agree)
+            model.to(self.device)
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(tensor.data, src=0)
+            return model
         if not sharded:
             return model.to(self.device)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -338,6 +360,8 @@ class Trainer:
             total += loss_sum.float()
         loss_value = float(_all_reduce(total) / denominator)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.replicated:
+            _average_gradients(params, self.world)
         clip = self.job.optim.grad_clip if self.job.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=self.device.type == "cuda" or None)
         if hasattr(norm, "full_tensor"):

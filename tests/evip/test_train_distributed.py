@@ -1,5 +1,6 @@
-"""The trainer under torchrun: 2 gloo ranks with FSDP2 train exactly what 1 rank with 2 accumulation steps trains,
-and a checkpoint written by 2 ranks resumes on 1."""
+"""The trainer under torchrun: 2 gloo ranks, with FSDP2 or replicated (``parallel.fsdp=false``, gradients averaged
+by one all-reduce), train exactly what 1 rank with 2 accumulation steps trains, and a checkpoint written by 2 ranks
+resumes on 1."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss_step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-def test_fsdp2_two_ranks_equal_one_rank_and_resume_on_one(tmp_path):
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp2", "replicated"])
+def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, fsdp):
     tok = tiny_bpe_tokenizer()
     llm = save_tiny_llm(tmp_path / "llm", tok)
     start = tmp_path / "mono"
@@ -51,6 +53,7 @@ def test_fsdp2_two_ranks_equal_one_rank_and_resume_on_one(tmp_path):
         "schedule": {"steps": 5},
         "logging": {"every": 1, "progress": "off", "tensorboard": False},
         "checkpoint": {"every": 100},
+        "parallel": {"fsdp": fsdp},
     }
     path = tmp_path / "s1_3.yaml"
     path.write_text(yaml.safe_dump(config))
