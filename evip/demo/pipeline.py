@@ -8,22 +8,36 @@
 
 ``--ablation`` runs the chain a second time with delta tuning off (the LLM trains from S1.1 on), so the
 forgetting the method avoids shows side by side in the report.
+
+``--ranks N`` (default: 2 where the machine has 2 cores or more) trains with N processes of one thread each,
+replicated data parallel over gloo (``parallel.fsdp=false``): the demo model is too small for two threads to speed
+one process up (a step took 84 ms with one process of two threads, 108 ms for twice the samples with two
+processes of one thread), so the second core is used by a second rank. ``python -m evip.demo`` relaunches itself
+under ``torch.distributed.run``; rank 0 writes the data, builds the base LM, evaluates and reports (with N threads
+while the other ranks wait), every rank trains. The recipe's steps are optimizer steps: each one sees N packed
+rows, one per rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from evip.eval import evaluate_tasks, text_perplexity
 from evip.recipe import stage_jobs
 from evip.report import Ablation, write_report
-from evip.train import train
+from evip.train import close_distributed, train
 from mono import MonoInternVL
 from mono.tokenization import load_tokenizer
 
@@ -42,18 +56,45 @@ QUICK_SIZES = DemoDataSizes(
 )
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def _all_threads():
+    """Rank 0's work while the other ranks wait (base LM, evaluation): one thread per rank of the run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, _world()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _evaluate(folder: Path, data, held_out: Sequence[str], seq_len: int, limit: Optional[int]) -> tuple[dict, float]:
-    model = MonoInternVL.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(folder)
-    results = evaluate_tasks(model, tokenizer, data.eval_dir, max_tiles=4, limit=limit, progress="off")
-    return results, text_perplexity(model, tokenizer, list(held_out), seq_len)
+    with _all_threads():
+        model = MonoInternVL.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = load_tokenizer(folder)
+        results = evaluate_tasks(model, tokenizer, data.eval_dir, max_tiles=4, limit=limit, progress="off")
+        return results, text_perplexity(model, tokenizer, list(held_out), seq_len)
 
 
 def run_chain(
     label: str, out: Path, data, base, overrides: Sequence[str], limit: Optional[int], log=print
 ) -> tuple[dict, dict, dict, dict]:
     """Train every run of the demo recipe under ``out``; accuracy, perplexity, seconds and run folder per run (keyed
-    by the run's name, in recipe order)."""
+    by the run's name, in recipe order). Every rank trains; rank 0 evaluates (the others return empty results)."""
+    if _world() > 1:
+        overrides = [*overrides, "parallel.fsdp=false"]
     _, jobs = stage_jobs(RECIPE, overrides, output_dir=out, init=base.folder)
     accuracy, perplexity, seconds, runs = {}, {}, {}, {}
     for job in jobs:
@@ -64,28 +105,44 @@ def run_chain(
         t0 = time.perf_counter()
         result = train(job)
         seconds[name] = time.perf_counter() - t0
+        runs[name] = Path(job.output_dir)
+        if _rank() != 0:
+            continue  # the next run's trainer waits for rank 0's evaluation
         t0 = time.perf_counter()
         accuracy[name], perplexity[name] = _evaluate(result.export_dir, data, base.held_out_texts, base.seq_len, limit)
         seconds[f"eval {name}"] = time.perf_counter() - t0
-        runs[name] = Path(job.output_dir)
         table = ", ".join(f"{t} {r['accuracy']:.0%}" for t, r in accuracy[name]["tasks"].items())
         log(f"[{label}] {name}: {table}; text perplexity {perplexity[name]:.4f} ({seconds[name]:.0f} s)")
     return accuracy, perplexity, seconds, runs
 
 
-def run_demo(out: Path, *, quick: bool = False, ablation: bool = False, log=print) -> Path:
-    """Run the whole demo into ``out``; returns the report file."""
+def run_demo(out: Path, *, quick: bool = False, ablation: bool = False, log=print) -> Optional[Path]:
+    """Run the whole demo into ``out``; returns the report file (on rank 0; None on the other ranks of a
+    multi-process run, see the module docstring)."""
+    rank, world = _rank(), _world()
+    if rank != 0:
+        log = _silent
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    data = write_demo_data(out / "data", sizes=QUICK_SIZES if quick else None)
-    timings["data"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    sizes = QUICK_SIZES if quick else None
     base_config = BaseLMConfig(steps=30, log_every=10) if quick else BaseLMConfig()
-    base = build_base_lm(out / "base_lm", base_config, extra_texts=text_corpus(200 if quick else 2000), log=log)
-    timings["base LM"] = time.perf_counter() - t0
-    base_model = MonoInternVL.from_llm(str(base.folder), tokenizer=load_tokenizer(base.folder), dtype=torch.float32)
-    base_ppl = text_perplexity(base_model, load_tokenizer(base.folder), list(base.held_out_texts), base.seq_len)
-    del base_model
+    extra_texts = text_corpus(200 if quick else 2000)
+    if rank == 0:
+        with _all_threads():
+            t0 = time.perf_counter()
+            data = write_demo_data(out / "data", sizes=sizes)
+            timings["data"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            base = build_base_lm(out / "base_lm", base_config, extra_texts=extra_texts, log=log)
+            timings["base LM"] = time.perf_counter() - t0
+            base_model = MonoInternVL.from_llm(str(base.folder), tokenizer=load_tokenizer(base.folder),
+                                               dtype=torch.float32)
+            base_ppl = text_perplexity(base_model, load_tokenizer(base.folder), list(base.held_out_texts),
+                                       base.seq_len)
+            del base_model
+    _barrier()
+    if rank != 0:  # both are cached now: these only read what rank 0 wrote
+        data = write_demo_data(out / "data", sizes=sizes)
+        base = build_base_lm(out / "base_lm", base_config, extra_texts=extra_texts, log=log)
     overrides = ["schedule.steps=3", "logging.every=1"] if quick else []
     limit = 4 if quick else None
     accuracy, perplexity, seconds, runs = run_chain("EViP", out / "runs" / "evip", data, base, overrides, limit, log)
@@ -96,16 +153,24 @@ def run_demo(out: Path, *, quick: bool = False, ablation: bool = False, log=prin
         a_acc, a_ppl, a_sec, a_runs = run_chain(
             "no delta tuning", out / "runs" / "ablation", data, base, off, limit, log
         )
-        extra = Ablation("delta tuning off", a_acc, {"base": base_ppl, **a_ppl}, a_runs, a_sec)
+        extra = Ablation("delta tuning off", a_acc, {"base": base_ppl, **a_ppl}, a_runs, a_sec) if rank == 0 else None
+    if rank != 0:
+        return None
     last = runs[list(runs)[-1]] / "export"
     report = write_report(
         out / "report", accuracy, {"base": base_ppl, **perplexity}, timings,
-        [f"final model: {last}", f"data: {data.root} (manifest.json)", f"base LM: {base.folder}"],
+        [f"final model: {last}", f"data: {data.root} (manifest.json)", f"base LM: {base.folder}",
+         f"training: {world} rank(s) of {torch.get_num_threads()} thread(s) each"
+         + (" (replicated data parallel over gloo)" if world > 1 else "")],
         stage_runs=runs, ablation=extra,
     )
     log(f"report: {report}")
     chat_about_held_out_image(last, data.eval_dir, log)
     return report
+
+
+def _silent(*_args, **_kwargs) -> None:
+    return None
 
 
 def chat_about_held_out_image(model_dir: Path, eval_dir: Path, log=print) -> str:
@@ -123,12 +188,31 @@ def chat_about_held_out_image(model_dir: Path, eval_dir: Path, log=print) -> str
     return answer
 
 
+def _default_ranks() -> int:
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evip.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "demo")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the version `make test` runs)")
     parser.add_argument("--ablation", action="store_true", help="also run with delta tuning off")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="training processes of one thread each (default: 2 on a machine with 2+ cores, else 1)")
     args = parser.parse_args(argv)
+    ranks = _default_ranks() if args.ranks is None else args.ranks
+    if ranks < 1:
+        parser.error(f"--ranks must be >= 1, got {ranks}")
+    if ranks > 1 and "LOCAL_RANK" not in os.environ:  # relaunch this command under torch.distributed.run
+        forwarded = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "evip.demo", *forwarded]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
     report = run_demo(args.out, quick=args.quick, ablation=args.ablation)
-    print(json.dumps({"report": str(report)}))
+    close_distributed()  # after an error torch.distributed.run stops the other ranks
+    if report is not None:
+        print(json.dumps({"report": str(report)}))
     return 0

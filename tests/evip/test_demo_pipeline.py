@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from evip.demo.pipeline import run_demo
 
@@ -29,3 +30,28 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     assert ppl["s2"] != ppl["base"]
     assert (report.parent / "loss.png").is_file() and (report.parent / "accuracy.png").is_file()
     assert text.count("bit-identical to base") >= 2
+
+
+@pytest.mark.distributed
+def test_quick_demo_on_two_ranks(tmp_path):
+    """`python -m evip.demo --ranks 2` relaunches itself under torch.distributed.run: both ranks train every run
+    (replicated data parallel), rank 0 evaluates and reports; the frozen stages still leave text untouched."""
+    import os
+    import subprocess
+    import sys
+
+    from evip.demo.pipeline import ROOT
+
+    cmd = [sys.executable, "-m", "evip.demo", "--quick", "--ranks", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count('{"report": ') == 1  # rank 0 alone reports
+    report = tmp_path / "report" / "report.md"
+    text = report.read_text()
+    assert "training: 2 rank(s) of 1 thread(s) each" in text and text.count("bit-identical to base") >= 2
+    results = json.loads((report.parent / "results.json").read_text())
+    assert list(results["results_per_stage"]) == ["s1.1", "s1.2", "s1.3-shapes", "s1.3", "s2"]
+    for run in results["results_per_stage"]:
+        config = yaml.safe_load((tmp_path / "runs" / "evip" / run / "config.yaml").read_text())
+        assert config["parallel"]["fsdp"] is False  # replicated, not FSDP2
+    assert proc.stdout.count("2 rank(s) on cpu") == 5
