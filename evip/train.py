@@ -119,9 +119,9 @@ def _average_gradients(params: Sequence[torch.nn.Parameter], world: int) -> None
     flat = torch.cat([present, *(g.reshape(-1) for g in grads)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = len(params)
-    for k, (p, g) in enumerate(zip(params, grads)):
+    for reached, p, g in zip(flat[:offset].tolist(), params, grads):  # one host sync for all the flags
         n = g.numel()
-        if flat[k] > 0:
+        if reached > 0:
             p.grad = flat[offset:offset + n].view_as(p).div_(world)
         offset += n
 
