@@ -175,9 +175,6 @@ def _silent(*_args, **_kwargs) -> None:
 
 def chat_about_held_out_image(model_dir: Path, eval_dir: Path, log=print) -> str:
     """Ask the final model, through the ``mono chat`` command line, the first held-out colour question."""
-    import subprocess
-    import sys
-
     record = json.loads((eval_dir / "colour.jsonl").read_text().splitlines()[0])
     image = eval_dir / record["image"]
     cmd = [sys.executable, "-m", "mono.cli", "chat", "--model", str(model_dir), "--image", str(image),
