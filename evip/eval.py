@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from .answers import normalize_answer
 
 __all__ = [
     "EvalDataError", "EvalRecord", "evaluate_tasks", "format_results", "iou", "load_eval_split", "main",
@@ -41,11 +44,6 @@ __all__ = [
 GROUNDING_TASKS = frozenset({"grounding"})
 NUMERIC_TASKS = frozenset({"count", "counting", "digit", "digits"})
 IOU_THRESHOLD = 0.5
-TRAILING_PUNCTUATION = ".,;:!?"
-
-_UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-         "seventeen eighteen nineteen".split()
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
 _NUMBER = r"-?\d+(?:\.\d+)?"
 # One box: two opening brackets (spaces allowed between), four numbers, one closing bracket. A fifth number or a
 # missing coordinate fails the match, which is what "garbled" means. `[[a,b,c,d],[e,f,g,h]]` (several boxes for
@@ -71,36 +69,6 @@ class EvalRecord:
 
 
 # ============================================================================================== scoring
-def _number_word_value(text: str) -> Optional[int]:
-    """``"seven"`` -> 7, ``"twenty-one"`` / ``"twenty one"`` -> 21; None for anything else."""
-    if text in _UNITS:
-        return _UNITS.index(text)
-    parts = text.replace("-", " ").split()
-    if parts and parts[0] in _TENS:
-        if len(parts) == 1:
-            return _TENS[parts[0]]
-        if len(parts) == 2 and parts[1] in _UNITS[1:10]:
-            return _TENS[parts[0]] + _UNITS.index(parts[1])
-    return None
-
-
-def normalize_answer(text: str, *, numeric: bool = False) -> str:
-    """Canonical form for exact match: lower case, whitespace collapsed, trailing ``.,;:!?`` dropped.
-
-    With ``numeric`` (counting and digit tasks) a number word becomes its numeral and a numeral loses leading
-    zeros, so ``"Three."``, ``"3"`` and ``"03"`` all give ``"3"``; only whole answers are converted ("3 cats"
-    stays as it is: exact match means the answer is the number).
-    """
-    out = " ".join(text.lower().split()).rstrip(TRAILING_PUNCTUATION).strip()
-    if numeric:
-        value = _number_word_value(out)
-        if value is not None:
-            return str(value)
-        if out.isdigit():
-            return str(int(out))
-    return out
-
-
 def parse_box(text: str) -> Optional[tuple[float, float, float, float]]:
     """The first ``[[x1, y1, x2, y2]]`` box in ``text`` (spaces tolerated), or None when there is none.
 
@@ -212,6 +180,7 @@ def evaluate_tasks(
     limit: Optional[int] = None,
     num_examples: int = 3,
     progress: str = "auto",
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Answer every question of ``eval_dir`` greedily and score it per task.
 
@@ -224,6 +193,10 @@ def evaluate_tasks(
     "overall": {"accuracy", "correct", "total"}, "settings": {...}, "seconds": float}``; ``examples`` holds the
     first ``num_examples`` predictions of each task with their expected answers. ``progress`` is
     ``auto`` / ``on`` / ``off`` for a progress bar on stderr.
+
+    With ``distributed`` every rank of the initialised process group calls this with its copy of the model: rank r
+    answers batches r, r + world, ... and the ranks exchange their answers, so each returns the full result, from
+    the same batches one process would form.
     """
     from mono.processing import load_image
 
@@ -241,10 +214,13 @@ def evaluate_tasks(
     was_training = model.training
     model.eval()
     started = time.perf_counter()
-    predictions: list[str] = []
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    starts = list(range(0, len(records), batch_size))
+    mine = starts[rank::world]
+    answered: dict[int, list[str]] = {}  # batch start -> answers
     try:
-        with Progress(len(records), mode=progress, desc="eval") as bar:
-            for start in range(0, len(records), batch_size):
+        with Progress(sum(len(records[s:s + batch_size]) for s in mine), mode=progress, desc="eval") as bar:
+            for start in mine:
                 batch = records[start:start + batch_size]
                 tiles, counts = [], []
                 for r in batch:
@@ -260,10 +236,15 @@ def evaluate_tasks(
                 if len(answers) != len(batch):  # zip() below would silently drop the unanswered records
                     raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(batch)} questions "
                                        f"(from {batch[0].source})")
-                predictions.extend(answers)
-                bar.update(len(predictions))
+                answered[start] = answers
+                bar.update(sum(map(len, answered.values())))
     finally:
         model.train(was_training)
+    if world > 1:
+        gathered: list[Optional[dict[int, list[str]]]] = [None] * world
+        dist.all_gather_object(gathered, answered)
+        answered = {start: answers for part in gathered for start, answers in part.items()}
+    predictions = [prediction for start in starts for prediction in answered[start]]
 
     tasks: dict[str, dict[str, Any]] = {}
     for r, prediction in zip(records, predictions):

@@ -39,24 +39,28 @@ byte-identical, and the evaluation scenes and the held-out digits never meet tra
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
+import multiprocessing
 import re
 import shutil
 import tarfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..eval import normalize_answer
-from ..job import DatasetConfig
+from ..answers import normalize_answer
 from .scenes import (
     COLOURS, SHAPES, Box, Scene, digit_indices, digit_label, position_phrase, render_digit, render_scene,
     sample_scene,
 )
+
+if TYPE_CHECKING:
+    from ..job import DatasetConfig
 
 __all__ = [
     "DemoData", "DemoDataSizes", "EVAL_TASKS", "QUESTIONS", "SCENE_KINDS", "STAGE_DIRS", "StageData", "grounding_answer",
@@ -174,6 +178,8 @@ class StageData:
 
     def dataset_config(self, **kwargs) -> DatasetConfig:
         """The stage's :class:`DatasetConfig` (``kwargs``: ``repeat``, ``max_tiles``, ``augment``)."""
+        from ..job import DatasetConfig  # here: evip.job imports torch, which the data writers never need
+
         return DatasetConfig(path=self.path, format=self.format, **kwargs)
 
 
@@ -646,22 +652,45 @@ def load_demo_data(root: Path) -> DemoData:
     return DemoData(root, stages, root / manifest["eval"]["dir"], eval_files, manifest["counts"], path)
 
 
+_PARTS = ("s1.3", "s1.3-shapes", "s1.1", "s1.2", "s2", "eval")
+"""The independently written parts (each from a random stream of its own), the longest first: S1.3 is about half
+of the ~12 s, the S1.3 shape close-ups a quarter."""
+
+
+def _write_part(name: str, root: Path, seed: int, sizes: DemoDataSizes, noise_share: float) -> dict:
+    """Write one part of :data:`_PARTS` into its folder under ``root``; its counts."""
+    rng = _rng(seed, name)
+    if name in ("s1.1", "s1.2"):
+        return _write_pairs(root / STAGE_DIRS[name], getattr(sizes, name.replace(".", "_")), sizes.shard_size, rng,
+                            noise_share if name == "s1.1" else None)
+    if name == "s1.3-shapes":
+        return _write_s1_3_shapes(root / STAGE_DIRS[name], sizes, rng)
+    if name == "s1.3":
+        return _write_s1_3(root / STAGE_DIRS[name], sizes, rng)
+    if name == "s2":
+        return _write_s2(root / STAGE_DIRS[name], sizes, rng)
+    return _write_eval(root / "eval", sizes.eval_per_task, rng)
+
+
 def write_demo_data(
-    root: Path, *, seed: int = 0, sizes: DemoDataSizes | None = None, noise_share: float = 0.2
+    root: Path, *, seed: int = 0, sizes: DemoDataSizes | None = None, noise_share: float = 0.2, workers: int = 1
 ) -> DemoData:
     """Write the demo's data under ``root`` (layout in the module docstring) and return where it is.
 
     ``noise_share`` of the S1.1 captions (rounded to a whole number of samples) are wrong or irrelevant. The same
-    ``seed``, ``sizes`` and ``noise_share`` give byte-identical files. When ``root`` already holds a complete
-    write with the same settings nothing is written; with other settings the demo's folders (``s1_1``, ``s1_2``,
-    ``s1_3``, ``s2``, ``eval``) are replaced and anything else under ``root`` is left alone.
+    ``seed``, ``sizes`` and ``noise_share`` give byte-identical files, with any number of ``workers`` (processes
+    writing the parts side by side). When ``root`` already holds a complete write with the same settings nothing is
+    written; with other settings the demo's folders (``s1_1``, ``s1_2``, ``s1_3``, ``s2``, ``eval``) are replaced
+    and anything else under ``root`` is left alone.
 
     Raises:
-        ValueError: ``noise_share`` outside [0, 1).
+        ValueError: ``noise_share`` outside [0, 1) or ``workers`` < 1.
     """
     sizes = sizes or DemoDataSizes()
     if not 0 <= noise_share < 1:
         raise ValueError(f"noise_share must be in [0, 1), got {noise_share!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     root = Path(root)
     request = _request(seed, sizes, noise_share)
     manifest_path = root / "manifest.json"
@@ -678,14 +707,14 @@ def write_demo_data(
         if (root / folder).exists():
             shutil.rmtree(root / folder)
 
-    counts = {
-        "s1.1": _write_pairs(root / "s1_1", sizes.s1_1, sizes.shard_size, _rng(seed, "s1.1"), noise_share),
-        "s1.2": _write_pairs(root / "s1_2", sizes.s1_2, sizes.shard_size, _rng(seed, "s1.2"), None),
-        "s1.3-shapes": _write_s1_3_shapes(root / "s1_3_shapes", sizes, _rng(seed, "s1.3-shapes")),
-        "s1.3": _write_s1_3(root / "s1_3", sizes, _rng(seed, "s1.3")),
-        "s2": _write_s2(root / "s2", sizes, _rng(seed, "s2")),
-        "eval": _write_eval(root / "eval", sizes.eval_per_task, _rng(seed, "eval")),
-    }
+    if workers == 1:
+        counts = {name: _write_part(name, root, seed, sizes, noise_share) for name in _PARTS}
+    else:  # spawned, not forked: the caller may hold threads (torch, a process group) that a fork would inherit
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(_PARTS)), mp_context=context) as pool:
+            futures = {name: pool.submit(_write_part, name, root, seed, sizes, noise_share) for name in _PARTS}
+            counts = {name: future.result() for name, future in futures.items()}
+    counts = {name: counts[name] for name in (*STAGE_DIRS, "eval")}  # the manifest's order
     samples = {
         "s1.1": sizes.s1_1, "s1.2": sizes.s1_2,
         "s1.3-shapes": sizes.s1_3_shapes,

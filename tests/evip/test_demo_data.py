@@ -62,7 +62,7 @@ def demo(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------------- determinism
 def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path, demo):
-    again = write_demo_data(tmp_path / "again", seed=3, sizes=SMALL)
+    again = write_demo_data(tmp_path / "again", seed=3, sizes=SMALL, workers=2)  # parts written side by side
     first, second = _hashes(demo.root), _hashes(again.root)
     assert first == second and len(first) > 80
     other = _hashes(write_demo_data(tmp_path / "other", seed=4, sizes=SMALL).root)
@@ -107,6 +107,8 @@ def test_bad_sizes_and_noise_share_are_refused():
         DemoDataSizes(shard_size=1.5)
     with pytest.raises(ValueError, match="noise_share"):
         write_demo_data(Path("unused"), noise_share=1.0)
+    with pytest.raises(ValueError, match="workers"):
+        write_demo_data(Path("unused"), workers=0)
 
 
 # ---------------------------------------------------------------------------------------------------- engine
