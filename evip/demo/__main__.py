@@ -1,7 +1,13 @@
-"""``python -m evip.demo``: see :mod:`evip.demo.pipeline`."""
+"""``python -m evip.demo``: see :mod:`evip.demo.pipeline` (the relaunch under torchrun happens first, before the
+pipeline's heavy imports)."""
 
 import sys
 
-from .pipeline import main
+from .launch import relaunch
 
-sys.exit(main())
+code = relaunch()
+if code is None:
+    from .pipeline import main
+
+    code = main()
+sys.exit(code)

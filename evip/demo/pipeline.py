@@ -13,20 +13,19 @@ forgetting the method avoids shows side by side in the report.
 replicated data parallel over gloo (``parallel.fsdp=false``): the demo model is too small for two threads to speed
 one process up (a step took 84 ms with one process of two threads, 108 ms for twice the samples with two
 processes of one thread), so the second core is used by a second rank. ``python -m evip.demo`` relaunches itself
-under ``torch.distributed.run``; rank 0 writes the data, builds the base LM, evaluates and reports (with N threads
-while the other ranks wait), every rank trains. The recipe's steps are optimizer steps: each one sees N packed
+under ``torch.distributed.run``; rank 0 writes the data (two processes), builds the base LM, computes the text
+perplexities and reports (with N threads while the other ranks wait); every rank trains and answers its share of
+the held-out questions. The recipe's steps are optimizer steps: each one sees N packed
 rows, one per rank.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
+import io
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,8 +42,8 @@ from mono.tokenization import load_tokenizer
 
 from .base_lm import BaseLMConfig, build_base_lm
 from .datasets import DemoDataSizes, text_corpus, write_demo_data
+from .launch import ROOT, parse, relaunch
 
-ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "evip" / "demo" / "recipe.yaml"
 DEFAULT_DATA = Path(".cache/demo/data")  # where the recipe's dataset paths point
 
@@ -80,11 +79,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _evaluate(folder: Path, data, held_out: Sequence[str], seq_len: int, limit: Optional[int]) -> tuple[dict, float]:
+def _evaluate(
+    folder: Path, data, held_out: Sequence[str], seq_len: int, limit: Optional[int]
+) -> tuple[dict, Optional[float]]:
+    """Every rank answers its share of the held-out questions (one thread each); rank 0 then computes the text
+    perplexity alone, with the thread count of the base LM's figure (so the two compare bit for bit); the other
+    ranks return None for it."""
+    model = MonoInternVL.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(folder)
+    results = evaluate_tasks(model, tokenizer, data.eval_dir, max_tiles=4, limit=limit, progress="off",
+                             distributed=_world() > 1)
+    if _rank() != 0:
+        return results, None
     with _all_threads():
-        model = MonoInternVL.from_pretrained(folder, dtype=torch.float32).eval()
-        tokenizer = load_tokenizer(folder)
-        results = evaluate_tasks(model, tokenizer, data.eval_dir, max_tiles=4, limit=limit, progress="off")
         return results, text_perplexity(model, tokenizer, list(held_out), seq_len)
 
 
@@ -92,7 +99,8 @@ def run_chain(
     label: str, out: Path, data, base, overrides: Sequence[str], limit: Optional[int], log=print
 ) -> tuple[dict, dict, dict, dict]:
     """Train every run of the demo recipe under ``out``; accuracy, perplexity, seconds and run folder per run (keyed
-    by the run's name, in recipe order). Every rank trains; rank 0 evaluates (the others return empty results)."""
+    by the run's name, in recipe order). Every rank trains and answers its share of the evaluation; rank 0 scores
+and returns the results (the others return empty ones)."""
     if _world() > 1:
         overrides = [*overrides, "parallel.fsdp=false"]
     _, jobs = stage_jobs(RECIPE, overrides, output_dir=out, init=base.folder)
@@ -106,10 +114,11 @@ def run_chain(
         result = train(job)
         seconds[name] = time.perf_counter() - t0
         runs[name] = Path(job.output_dir)
-        if _rank() != 0:
-            continue  # the next run's trainer waits for rank 0's evaluation
         t0 = time.perf_counter()
-        accuracy[name], perplexity[name] = _evaluate(result.export_dir, data, base.held_out_texts, base.seq_len, limit)
+        tasks, ppl = _evaluate(result.export_dir, data, base.held_out_texts, base.seq_len, limit)
+        if _rank() != 0:
+            continue  # the next run's trainer waits for rank 0's perplexity
+        accuracy[name], perplexity[name] = tasks, ppl
         seconds[f"eval {name}"] = time.perf_counter() - t0
         table = ", ".join(f"{t} {r['accuracy']:.0%}" for t, r in accuracy[name]["tasks"].items())
         log(f"[{label}] {name}: {table}; text perplexity {perplexity[name]:.4f} ({seconds[name]:.0f} s)")
@@ -129,7 +138,8 @@ def run_demo(out: Path, *, quick: bool = False, ablation: bool = False, log=prin
     if rank == 0:
         with _all_threads():
             t0 = time.perf_counter()
-            data = write_demo_data(out / "data", sizes=sizes)
+            # Two processes write the parts side by side (~12 s -> ~7 s); the quick sizes take less than a spawn.
+            data = write_demo_data(out / "data", sizes=sizes, workers=1 if quick else min(2, os.cpu_count() or 1))
             timings["data"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             base = build_base_lm(out / "base_lm", base_config, extra_texts=extra_texts, log=log)
@@ -174,38 +184,31 @@ def _silent(*_args, **_kwargs) -> None:
 
 
 def chat_about_held_out_image(model_dir: Path, eval_dir: Path, log=print) -> str:
-    """Ask the final model, through the ``mono chat`` command line, the first held-out colour question."""
+    """Ask the final model the first held-out colour question through the ``mono chat`` command line (its entry
+    point, run in this process: the modules it needs are loaded already)."""
+    from mono.cli import main as mono_main
+
     record = json.loads((eval_dir / "colour.jsonl").read_text().splitlines()[0])
     image = eval_dir / record["image"]
-    cmd = [sys.executable, "-m", "mono.cli", "chat", "--model", str(model_dir), "--image", str(image),
-           record["question"], "--max-new-tokens", "32", "--max-tiles", "4"]
+    argv = ["chat", "--model", str(model_dir), "--image", str(image), record["question"], "--max-new-tokens", "32",
+            "--max-tiles", "4"]
     log(f"$ mono chat --model {model_dir} --image {image} {record['question']!r}")
-    answer = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = mono_main(argv)
+    if code != 0:
+        raise RuntimeError(f"mono {' '.join(argv)} exited with {code}")
+    answer = out.getvalue().strip()
     log(f"{answer}\n(expected: {record['answer']})")
     return answer
 
 
-def _default_ranks() -> int:
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evip.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "demo")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (the version `make test` runs)")
-    parser.add_argument("--ablation", action="store_true", help="also run with delta tuning off")
-    parser.add_argument("--ranks", type=int, default=None,
-                        help="training processes of one thread each (default: 2 on a machine with 2+ cores, else 1)")
-    args = parser.parse_args(argv)
-    ranks = _default_ranks() if args.ranks is None else args.ranks
-    if ranks < 1:
-        parser.error(f"--ranks must be >= 1, got {ranks}")
-    if ranks > 1 and "LOCAL_RANK" not in os.environ:  # relaunch this command under torch.distributed.run
-        forwarded = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "evip.demo", *forwarded]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    description = __doc__.split("\n\n")[0]
+    code = relaunch(argv, description)  # --ranks > 1 from a plain process: run again under torch.distributed.run
+    if code is not None:
+        return code
+    args, _ = parse(argv, description)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
     report = run_demo(args.out, quick=args.quick, ablation=args.ablation)

@@ -55,3 +55,19 @@ def test_quick_demo_on_two_ranks(tmp_path):
         config = yaml.safe_load((tmp_path / "runs" / "evip" / run / "config.yaml").read_text())
         assert config["parallel"]["fsdp"] is False  # replicated, not FSDP2
     assert proc.stdout.count("2 rank(s) on cpu") == 5
+    # The ranks answered alternate batches of the held-out questions: the same results as one process.
+    import torch
+
+    from evip.eval import evaluate_tasks
+    from mono import MonoInternVL
+    from mono.tokenization import load_tokenizer
+
+    final = tmp_path / "runs" / "evip" / "s2" / "export"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        alone = evaluate_tasks(MonoInternVL.from_pretrained(final, dtype=torch.float32), load_tokenizer(final),
+                               tmp_path / "data" / "eval", max_tiles=4, limit=4, progress="off")
+    finally:
+        torch.set_num_threads(threads)
+    assert results["results_per_stage"]["s2"]["tasks"] == json.loads(json.dumps(alone["tasks"]))
