@@ -97,10 +97,6 @@ class DataConfig:
     log_skips: int = 10
     """Skipped samples printed in full (file and sample id) per reason by rank 0; all are counted, and all are
     written to ``<output_dir>/skipped-rank<r>.jsonl``."""
-    cache_mib: float = 0
-    """Per process (rank, worker): keep the tokenized examples of samples without augmentation up to this many MiB,
-    tiles as uint8, so later epochs skip decoding, tiling and tokenization (bit-identical). For small data trained
-    for several epochs (the demo); 0 (off) for web-scale data seen about once."""
     caption_prompt: str = "Provide a one-sentence caption for the provided image."
     """User turn of an image-text pair (S1.1/S1.2): the pair is trained as ``<image>\\n{prompt}`` -> caption, in
     the model's chat template, so only the caption and its closing token are supervised."""
@@ -114,8 +110,6 @@ class DataConfig:
             raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.max_tiles is not None and self.max_tiles < 1 or self.min_tiles < 1:
             raise ValueError(f"max_tiles and min_tiles must be >= 1, got {self.max_tiles}, {self.min_tiles}")
-        if self.cache_mib < 0:
-            raise ValueError(f"data.cache_mib must be >= 0, got {self.cache_mib}")
 
 
 @dataclass

@@ -246,7 +246,7 @@ class Trainer:
     def _loader(self) -> TrainLoader:
         job, cfg = self.job, self.model_config
         sources = build_sources(job.data.datasets, job.max_tiles)
-        preprocess = self.preprocess = Preprocessor.for_model(
+        preprocess = Preprocessor.for_model(
             cfg, self.tokenizer, job.data, max_seq_len=job.max_seq_len,
             system_message=job.model.system_message,
         )
@@ -444,10 +444,6 @@ class Trainer:
             sinks.close()
             if metrics_file is not None:
                 metrics_file.close()
-        if job.data.cache_mib and job.data.num_workers == 0:  # with workers the caches live in their processes
-            c = self.preprocess.cache_stats
-            self._print(f"example cache (rank 0): {c['hits']} hits, {c['misses']} misses, {c['entries']} examples in "
-                        f"{c['bytes'] / 2**20:.0f} of {job.data.cache_mib:g} MiB")
         if self.step != self.resumed_step and self.step % job.checkpoint.every != 0 and self.step != total:
             self.save()  # stopped early (stop_at): keep the position
         export = self.export() if self.step == total and job.checkpoint.export else None

@@ -29,9 +29,7 @@ __all__ = [
     "load_images",
     "open_image",
     "tile_grid",
-    "normalize_pixels",
     "tiles_to_tensor",
-    "tiles_to_uint8",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -192,40 +190,25 @@ def tiles_to_tensor(
 
     Per tile: convert to RGB, resize bicubic to `image_size` (a no-op copy for tiles already that size), scale
     uint8 to [0, 1] and normalise with `(x - mean) / std` per channel, in the same float32 operations as
-    torchvision's `ToTensor` + `Normalize`, so results match the release bit for bit. Equal to
-    ``normalize_pixels(tiles_to_uint8(tiles, image_size), mean, std)``.
+    torchvision's `ToTensor` + `Normalize`, so results match the release bit for bit.
     """
-    return normalize_pixels(tiles_to_uint8(tiles, image_size), mean, std)
-
-
-def tiles_to_uint8(tiles: Sequence[Image.Image], image_size: int = 448) -> torch.Tensor:
-    """The first half of :func:`tiles_to_tensor`: RGB tiles resized bicubic to `image_size`, as a
-    `(N, 3, image_size, image_size)` uint8 tensor (a quarter of the float32 bytes, for caching)."""
     image_size = _check_positive_int("image_size", image_size)
     if len(tiles) == 0:
         raise ValueError("tiles_to_tensor got no tiles; pass at least one image tile")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (R, G, B), got mean={mean!r} std={std!r}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std values must be positive, got {std!r}")
+
     arrays = []
     for tile in tiles:
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
         tile = tile.resize((image_size, image_size), Image.BICUBIC)
         arrays.append(np.asarray(tile, dtype=np.uint8))
-    # (N, S, S, 3) -> (N, 3, S, S)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def normalize_pixels(
-    pixels_u8: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> torch.Tensor:
-    """The second half of :func:`tiles_to_tensor`: `(N, 3, S, S)` uint8 -> float32 ``(x / 255 - mean) / std``
-    (a new tensor; the input is left as it is)."""
-    if pixels_u8.dtype != torch.uint8 or pixels_u8.dim() != 4 or pixels_u8.shape[1] != 3:
-        raise ValueError(f"normalize_pixels expects (N, 3, S, S) uint8, got {tuple(pixels_u8.shape)} {pixels_u8.dtype}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (R, G, B), got mean={mean!r} std={std!r}")
-    if any(s <= 0 for s in std):
-        raise ValueError(f"std values must be positive, got {std!r}")
-    pixels = pixels_u8.to(torch.float32).div(255)
+    # (N, S, S, 3) uint8 -> (N, 3, S, S) float32 in [0, 1]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    pixels = pixels.to(torch.float32).div(255)
     mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return pixels.sub_(mean_t).div_(std_t)

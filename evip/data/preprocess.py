@@ -15,13 +15,6 @@ start of an answer, which is checked per sample.
 
 Bad samples raise :class:`SkipSample` (reasons in :data:`~evip.data.types.SKIP_REASONS`); nothing is truncated or
 silently replaced.
-
-With ``cache_mib`` > 0 the preprocessor keeps the examples of samples without augmentation (their example is a
-function of the sample alone) up to that many MiB, tiles as uint8 (normalised again on every hit, in the same
-float32 operations, so a hit is bit-identical to a fresh example). It pays off for small datasets trained for
-several epochs (the demo's S1.3 reads each sample ~3 times: JPEG decoding, tiling and tokenization are ~0.8 ms of
-the ~0.9 ms a sample costs); a web-scale stage sees each sample about once and should leave it off. Each process
-(rank, dataloader worker) has its own cache.
 """
 
 from __future__ import annotations
@@ -37,7 +30,7 @@ import torch
 from PIL import Image
 
 from mono.internlm2 import max_context_length
-from mono.processing import ImageError, dynamic_tiles, normalize_pixels, open_image, tiles_to_uint8
+from mono.processing import ImageError, dynamic_tiles, open_image, tiles_to_tensor
 from mono.templates import (
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
@@ -100,8 +93,6 @@ class Preprocessor:
         seed: with the epoch and the sample's ``index``, seeds the sample's augmentation.
         context: the model's context length (``for_model`` sets it): samples longer are skipped too. A pack of
             ``max_seq_len`` tokens may exceed it, since positions restart at every sample.
-        cache_mib: keep the examples of unaugmented samples up to this many MiB (0: no cache; see the module
-            docstring); :attr:`cache_stats` counts hits, misses and bytes.
 
     Raises:
         ValueError: a slow tokenizer, a missing or split special token, or a ``turn_end`` that is not one token.
@@ -121,7 +112,6 @@ class Preprocessor:
         system_message: Optional[str] = None,
         seed: int = 0,
         context: Optional[int] = None,
-        cache_mib: float = 0,
     ) -> None:
         for name, value in (("num_image_token", num_image_token), ("image_size", image_size),
                             ("max_seq_len", max_seq_len), ("min_tiles", min_tiles), ("context", context or 1)):
@@ -155,11 +145,6 @@ class Preprocessor:
         self.img_start_id = vocab[IMG_START_TOKEN]
         self.img_end_id = vocab[IMG_END_TOKEN]
         self.img_context_id = vocab[IMG_CONTEXT_TOKEN]
-        if isinstance(cache_mib, bool) or not isinstance(cache_mib, numbers.Real) or cache_mib < 0:
-            raise ValueError(f"Preprocessor: cache_mib must be a number >= 0, got {cache_mib!r}")
-        self._cache_budget = int(cache_mib * 2**20)
-        self._cache: dict[tuple[str, str, int], tuple] = {}
-        self.cache_stats = {"hits": 0, "misses": 0, "entries": 0, "bytes": 0}
 
     @classmethod
     def for_model(
@@ -191,7 +176,6 @@ class Preprocessor:
             system_message=system_message if system_message is not None else model_config.system_message,
             seed=data_cfg.seed,
             context=max_context_length(model_config.llm_config),
-            cache_mib=data_cfg.cache_mib,
         )
 
     # ------------------------------------------------------------------------------------------------ turns
@@ -253,12 +237,6 @@ class Preprocessor:
 
     def pixels(self, raw: RawSample, epoch: int = 0) -> tuple[Optional[torch.Tensor], list[int]]:
         """``(pixel_values_N, tiles per image)`` of the sample's images; ``(None, [])`` for a text-only sample.
-        Raises as :meth:`pixels_uint8`, whose tiles these are, normalised."""
-        pixels_u8, num_tiles = self.pixels_uint8(raw, epoch)
-        return (None if pixels_u8 is None else normalize_pixels(pixels_u8)), num_tiles
-
-    def pixels_uint8(self, raw: RawSample, epoch: int = 0) -> tuple[Optional[torch.Tensor], list[int]]:
-        """``(tiles_N as (N, 3, S, S) uint8, tiles per image)``; ``(None, [])`` for a text-only sample.
 
         The tile cap ``raw.max_tiles`` is split between the images (``max(1, max_tiles // images)`` each). With
         ``raw.augment`` each image is first re-encoded as JPEG at a quality drawn from the sample's generator.
@@ -288,7 +266,7 @@ class Preprocessor:
             if rng is not None:
                 image = jpeg_reencode(image, int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
             tiles = dynamic_tiles(image, min_num, budget, self.image_size, self.use_thumbnail)
-            tensors.append(tiles_to_uint8(tiles, self.image_size))
+            tensors.append(tiles_to_tensor(tiles, self.image_size))
             num_tiles.append(len(tiles))
         return torch.cat(tensors), num_tiles
 
@@ -426,27 +404,14 @@ class Preprocessor:
             SkipSample: with a reason of :data:`~evip.data.types.SKIP_REASONS`; see :meth:`turns`, :meth:`pixels`,
                 :meth:`tokenize`.
         """
-        key = (raw.dataset, raw.sample_id, raw.max_tiles) if self._cache_budget and not raw.augment else None
-        cached = self._cache.get(key) if key is not None else None
-        if cached is not None:
-            self.cache_stats["hits"] += 1
-            ids, labels, pixels_u8, num_tiles = cached
-        else:
-            turns, system = self.turns(raw)
-            pixels_u8, num_tiles = self.pixels_uint8(raw, epoch)
-            ids, labels = self.tokenize(raw, turns, system, num_tiles)
-            if key is not None:
-                self.cache_stats["misses"] += 1
-                size = ids.nbytes + labels.nbytes + (0 if pixels_u8 is None else pixels_u8.numel())
-                if self.cache_stats["bytes"] + size <= self._cache_budget:
-                    self._cache[key] = (ids, labels, pixels_u8, num_tiles)
-                    self.cache_stats["entries"] += 1
-                    self.cache_stats["bytes"] += size
+        turns, system = self.turns(raw)
+        pixel_values, num_tiles = self.pixels(raw, epoch)
+        ids, labels = self.tokenize(raw, turns, system, num_tiles)
         return Example(
             sample_id=raw.sample_id,
-            input_ids_L=torch.from_numpy(ids.copy()),
-            labels_L=torch.from_numpy(labels.copy()),
-            pixel_values_N=None if pixels_u8 is None else normalize_pixels(pixels_u8),
-            num_tiles=list(num_tiles),
+            input_ids_L=torch.from_numpy(ids),
+            labels_L=torch.from_numpy(labels),
+            pixel_values_N=pixel_values,
+            num_tiles=num_tiles,
             num_visual_tokens=self.num_image_token * sum(num_tiles),
         )

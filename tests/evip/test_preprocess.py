@@ -207,66 +207,6 @@ def test_jpeg_reencode_is_a_function_of_seed_epoch_and_index(tmp_path, tok):
     assert torch.equal(plain, load_images([str(image)], 56, 1, 6)[0])
 
 
-def test_example_cache_hits_are_bit_identical_and_keep_to_the_budget(convs, tok):
-    """A hit equals a fresh example exactly (tiles normalised again from the cached uint8), in tensors of its own;
-    augmented samples are never cached; no example is added past the budget; skips are not cached."""
-    fresh = tiny_preprocessor(tok)
-    cached = tiny_preprocessor(tok, cache_mib=1)
-    for _ in range(3):  # a miss, then two hits per sample
-        for raw in convs:
-            a, b = fresh(raw, epoch=2), cached(raw, epoch=5)
-            assert (a.sample_id, a.num_tiles, a.num_visual_tokens) == (b.sample_id, b.num_tiles, b.num_visual_tokens)
-            assert torch.equal(a.input_ids_L, b.input_ids_L) and torch.equal(a.labels_L, b.labels_L)
-            assert (a.pixel_values_N is None) == (b.pixel_values_N is None)
-            if a.pixel_values_N is not None:
-                assert b.pixel_values_N.dtype == torch.float32 and torch.equal(a.pixel_values_N, b.pixel_values_N)
-                b.pixel_values_N.zero_()  # a consumer writing into its example does not reach the cache
-            b.input_ids_L.zero_()
-    stats = cached.cache_stats
-    assert stats["misses"] == stats["entries"] == len(convs) and stats["hits"] == 2 * len(convs)
-    tiles = sum(r.images != [] and fresh(r).pixel_values_N.shape[0] for r in convs)
-    assert stats["bytes"] >= tiles * 3 * 56 * 56  # uint8 tiles
-    assert fresh.cache_stats == {"hits": 0, "misses": 0, "entries": 0, "bytes": 0}  # cache_mib=0: off
-    augmented = [dataclasses.replace(r, augment=True) for r in convs]
-    other = tiny_preprocessor(tok, cache_mib=1)
-    for raw in augmented + augmented:
-        other(raw, epoch=0)
-    assert other.cache_stats["entries"] == 0 and other.cache_stats["hits"] == 0
-    # A budget that holds one example: the first fits, later ones are computed every time.
-    first = next(r for r in convs if r.images)
-    size = cached._cache[(first.dataset, first.sample_id, first.max_tiles)]
-    one = sum(x.nbytes for x in size[:2]) + size[2].numel()
-    small = tiny_preprocessor(tok, cache_mib=one / 2**20)
-    for raw in [first, *convs, *convs]:
-        small(raw)
-    assert small.cache_stats["entries"] == 1 and small.cache_stats["bytes"] == one
-    assert small.cache_stats["hits"] == 2 and small.cache_stats["misses"] == 1 + 2 * (len(convs) - 1)
-    with pytest.raises(ValueError, match="cache_mib"):
-        tiny_preprocessor(tok, cache_mib=-1)
-    with pytest.raises(ValueError, match="cache_mib"):
-        DataConfig(cache_mib=-1)
-
-
-def test_example_cache_does_not_cache_skips(tmp_path, tok):
-    """A bad sample is judged again (and skipped for the same reason) every time it is read; good ones hit."""
-    data = write_conversations(tmp_path, 6, seed=6, bad=BAD_CASES)
-    (source,) = build_sources([data.dataset_config()], 6)
-    pre = tiny_preprocessor(tok, cache_mib=4)
-    passes = []
-    for _ in range(2):
-        reasons, used = [], 0
-        for i in range(len(source)):
-            try:
-                pre(source.get(i))
-                used += 1
-            except SkipSample as skip:
-                reasons.append((skip.sample_id, skip.reason))
-        passes.append((reasons, used))
-    (reasons, used), again = passes
-    assert again == (reasons, used) and reasons and used
-    assert pre.cache_stats["entries"] == pre.cache_stats["hits"] == used
-
-
 # ---------------------------------------------------------------------------------------------------- skips
 @pytest.mark.parametrize("writer", [write_pairs_webdataset, write_pairs_jsonl, write_conversations])
 def test_each_bad_case_is_a_skip_with_its_reason_and_sample_id(tmp_path, pre, writer):

@@ -120,24 +120,6 @@ def test_stop_and_resume_is_bit_identical(workspace, tmp_path, packing):
     assert {**first, **second} == whole  # exact float equality
 
 
-def test_example_cache_trains_bit_identically(workspace, tmp_path, capsys):
-    """data.cache_mib: later epochs read the examples from the cache (12 samples, 3 epochs' worth of steps) and the
-    run is bit-identical to one without; the run reports the cache's use."""
-    sections = dict(
-        data={"packing": False, "micro_batch_size": 2}, schedule={"steps": 18}, checkpoint={"every": 100, "export": False},
-    )
-    init = _mono_folder(workspace, tmp_path)
-    plain = train(make_job(workspace, "s1.3", tmp_path / "plain", dataset="convs", init=init, **sections)).losses
-    capsys.readouterr()
-    cached_job = make_job(workspace, "s1.3", tmp_path / "cached", dataset="convs", init=init, **sections)
-    cached_job.data.cache_mib = 16
-    trainer = Trainer(cached_job)
-    assert trainer.run().losses == plain  # exact float equality
-    stats = trainer.preprocess.cache_stats
-    assert stats["misses"] == stats["entries"] == 12 and stats["hits"] == 18 * 2 - 12
-    assert "example cache (rank 0): 24 hits, 12 misses, 12 examples" in capsys.readouterr().out
-
-
 def test_every_bad_sample_is_skipped_and_counted(workspace, tmp_path):
     pairs, convs = workspace["bad_pairs"], workspace["bad_convs"]
     cfg = job_dict(workspace, "s1.3", tmp_path / "run", schedule={"steps": 4}, checkpoint={"every": 100, "export": False})
